@@ -1,0 +1,38 @@
+# Verbs a newcomer needs. Everything runs from the project's own .venv.
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo bench up down clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev extra
+
+test: $(STAMP) ## run the whole suite against throwaway PostgreSQL, Redis and a fake Ollama
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff and mypy --strict
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+demo: $(STAMP) ## embedded PostgreSQL + Redis + worker + Flower, sample catalog, live backfill (ONCE=1 exits after it)
+	$(PY) -m devstack.demo $(if $(ONCE),--once,)
+
+bench: $(STAMP) ## throughput and latency figures (see bench/README.md)
+	$(PY) -m bench.throughput
+
+up: ## the real stack: PostgreSQL, Redis, Ollama, worker, beat, Flower
+	docker compose up -d --build
+
+down:
+	docker compose down
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The data: models of the app's tables and the worker's own, sessions, services, migrations."""

@@ -1,0 +1,221 @@
+"""Reads and writes of the app's tables; callers pass a session already scoped to the tenant."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, delete, func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.models import PUBLISHED, SiteSettings, Skill, SkillEmbedding, Tenant
+
+# `f"{name} {description}"` and its sha256, computed by the database itself (tasks.text is the
+# Python twin; a test holds them equal), so stale rows are found without sending text out.
+SQL_INPUT_HASH = (
+    "encode(sha256(convert_to(skills.name || ' ' || coalesce(skills.description, ''), 'UTF8')),"
+    " 'hex')"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SkillRecord:
+    id: str
+    tenant_id: str
+    name: str
+    description: str | None
+    status: str
+
+
+def get_skill(session: Session, skill_id: str) -> SkillRecord | None:
+    row = session.execute(
+        select(Skill.id, Skill.tenant_id, Skill.name, Skill.description, Skill.status).where(
+            Skill.id == skill_id
+        )
+    ).one_or_none()
+    return SkillRecord(*row) if row else None
+
+
+def lock_skill(session: Session, tenant_id: str, skill_id: str) -> None:
+    """Serialise writers of one skill's embedding until the transaction ends.
+
+    An advisory lock, not SELECT ... FOR UPDATE: the worker's role may lack UPDATE on `skills`.
+    """
+    session.execute(
+        select(func.pg_advisory_xact_lock(func.hashtextextended(f"{tenant_id}/{skill_id}", 0)))
+    )
+
+
+def get_site_settings(session: Session, tenant_id: str) -> SiteSettings | None:
+    return session.scalars(select(SiteSettings).where(SiteSettings.tenant_id == tenant_id)).first()
+
+
+def update_site_settings(session: Session, tenant_id: str, **values: Any) -> SiteSettings:
+    """Insert the tenant's settings row or update the given columns of it."""
+    allowed = set(SiteSettings.__table__.columns.keys()) - {"id", "tenant_id"}
+    unknown = set(values) - allowed
+    if unknown:
+        raise ValueError(f"site_settings has no column {', '.join(sorted(unknown))}")
+    statement = insert(SiteSettings).values(id=str(uuid.uuid4()), tenant_id=tenant_id, **values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[SiteSettings.tenant_id],
+        set_={**{key: statement.excluded[key] for key in values}, "updated_at": func.now()},
+    )
+    session.execute(statement)
+    settings = get_site_settings(session, tenant_id)
+    assert settings is not None
+    session.refresh(settings)
+    return settings
+
+
+def get_skill_embedding(session: Session, skill_id: str) -> SkillEmbedding | None:
+    return session.scalars(
+        select(SkillEmbedding).where(SkillEmbedding.skill_id == skill_id)
+    ).first()
+
+
+def upsert_skill_embedding(
+    session: Session,
+    *,
+    tenant_id: str,
+    skill_id: str,
+    embedding: Sequence[float],
+    model_name: str,
+    dimensions: int,
+    input_hash: str,
+) -> None:
+    """One row per (tenant, skill): insert with a new UUID, or replace the vector in place."""
+    upsert_skill_embeddings(
+        session,
+        [
+            {
+                "tenant_id": tenant_id,
+                "skill_id": skill_id,
+                "embedding": embedding,
+                "model_name": model_name,
+                "dimensions": dimensions,
+                "input_hash": input_hash,
+            }
+        ],
+    )
+
+
+def upsert_skill_embeddings(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Many rows in one statement; each needs tenant_id, skill_id, embedding, model, dims, hash."""
+    if not rows:
+        return
+    statement = insert(SkillEmbedding).values([{"id": str(uuid.uuid4()), **row} for row in rows])
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        constraint="skill_embeddings_tenant_skill_unique",
+        set_={
+            "embedding": excluded.embedding,
+            "model_name": excluded.model_name,
+            "dimensions": excluded.dimensions,
+            "input_hash": excluded.input_hash,
+            "updated_at": func.now(),
+        },
+    )
+    session.execute(statement)
+
+
+def delete_skill_embedding(session: Session, skill_id: str) -> bool:
+    """Remove the skill's row; True when there was one."""
+    result = session.execute(delete(SkillEmbedding).where(SkillEmbedding.skill_id == skill_id))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def list_active_tenants(session: Session) -> list[str]:
+    return list(session.scalars(select(Tenant.id).where(Tenant.is_active).order_by(Tenant.id)))
+
+
+def iter_published_skills(session: Session, tenant_id: str) -> Iterator[SkillRecord]:
+    """The tenant's published skills, streamed from a server-side cursor."""
+    result = session.execute(
+        select(Skill.id, Skill.tenant_id, Skill.name, Skill.description, Skill.status)
+        .where(Skill.tenant_id == tenant_id, Skill.status == PUBLISHED)
+        .order_by(Skill.id)
+        .execution_options(yield_per=1000)
+    )
+    for row in result:
+        yield SkillRecord(*row)
+
+
+NEEDS_WORK_SQL = f"""
+    SELECT skills.id AS skill_id
+    FROM skills
+    LEFT JOIN skill_embeddings e
+        ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
+    WHERE skills.tenant_id = :tenant_id
+      AND skills.status = '{PUBLISHED}'
+      AND (:force
+           OR e.id IS NULL
+           OR e.model_name <> :model
+           OR e.dimensions <> :dimensions
+           OR e.input_hash <> {SQL_INPUT_HASH})
+"""
+
+
+def skills_needing_embedding(
+    session: Session, tenant_id: str, *, model: str, dimensions: int, force: bool = False
+) -> Iterator[str]:
+    """Ids of the tenant's published skills with no row, a stale hash, or another model/size."""
+    result = session.execute(
+        text(NEEDS_WORK_SQL + " ORDER BY skills.id").execution_options(yield_per=2000),
+        {"tenant_id": tenant_id, "model": model, "dimensions": dimensions, "force": force},
+    )
+    for row in result:
+        yield str(row.skill_id)
+
+
+def remove_unpublished_embeddings(session: Session, tenant_id: str) -> int:
+    """Delete rows whose skill is no longer published; the count removed."""
+    result = session.execute(
+        text(
+            """
+            DELETE FROM skill_embeddings e USING skills
+            WHERE e.skill_id = skills.id AND e.tenant_id = :tenant_id
+              AND skills.status <> :published
+            """
+        ),
+        {"tenant_id": tenant_id, "published": PUBLISHED},
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    tenant_id: str
+    published: int
+    embedded: int
+    stale: int
+    missing: int
+
+
+def coverage(session: Session, tenant_id: str, *, model: str, dimensions: int) -> Coverage:
+    """How many of the tenant's published skills have a current, a stale or no embedding."""
+    row: Row[Any] = session.execute(
+        text(
+            f"""
+            SELECT count(*) AS published,
+                   count(e.id) FILTER (WHERE e.input_hash = {SQL_INPUT_HASH}
+                       AND e.model_name = :model AND e.dimensions = :dimensions) AS embedded,
+                   count(e.id) AS with_row
+            FROM skills
+            LEFT JOIN skill_embeddings e
+                ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
+            WHERE skills.tenant_id = :tenant_id AND skills.status = '{PUBLISHED}'
+            """
+        ),
+        {"tenant_id": tenant_id, "model": model, "dimensions": dimensions},
+    ).one()
+    return Coverage(
+        tenant_id=tenant_id,
+        published=row.published,
+        embedded=row.embedded,
+        stale=row.with_row - row.embedded,
+        missing=row.published - row.with_row,
+    )

@@ -1,0 +1,44 @@
+"""Engines and sessions; every transaction on one tenant's rows goes through `tenant_scope`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+SessionFactory = sessionmaker[Session]
+
+
+def make_engine(database_url: str, *, pool_size: int = 2) -> Engine:
+    """An engine for a psycopg 3 URL; small pool: a worker does one thing at a time."""
+    return create_engine(
+        database_url,
+        pool_size=pool_size,
+        max_overflow=2,
+        pool_pre_ping=True,
+        # Fail fast when the database is unreachable rather than hanging a job.
+        connect_args={"connect_timeout": 5, "application_name": "everyskill-embedder"},
+    )
+
+
+def make_session_factory(engine: Engine) -> SessionFactory:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def tenant_scope(factory: SessionFactory, tenant_id: str) -> Iterator[Session]:
+    """A transaction in which row level security shows only `tenant_id`'s rows; commits on exit."""
+    with factory.begin() as session:
+        # set_config(..., true) is SET LOCAL with a bind parameter: it ends with the transaction,
+        # so a pooled connection never carries one tenant's id into another's work.
+        session.execute(select(func.set_config("app.current_tenant_id", tenant_id, True)))
+        yield session
+
+
+@contextmanager
+def unscoped(factory: SessionFactory) -> Iterator[Session]:
+    """A transaction on tables without row level security (tenants, the worker's own)."""
+    with factory.begin() as session:
+        yield session

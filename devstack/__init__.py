@@ -1,0 +1,1 @@
+"""Local throwaway servers for the demo, the tests and the benchmarks."""
