@@ -39,6 +39,15 @@ def get_skill(session: Session, skill_id: str) -> SkillRecord | None:
     return SkillRecord(*row) if row else None
 
 
+def get_skills(session: Session, skill_ids: Sequence[str]) -> list[SkillRecord]:
+    rows = session.execute(
+        select(Skill.id, Skill.tenant_id, Skill.name, Skill.description, Skill.status).where(
+            Skill.id.in_(skill_ids)
+        )
+    )
+    return [SkillRecord(*row) for row in rows]
+
+
 def lock_skill(session: Session, tenant_id: str, skill_id: str) -> None:
     """Serialise writers of one skill's embedding until the transaction ends.
 
@@ -125,7 +134,7 @@ def upsert_skill_embeddings(session: Session, rows: Sequence[dict[str, Any]]) ->
 def delete_skill_embedding(session: Session, skill_id: str) -> bool:
     """Remove the skill's row; True when there was one."""
     result = session.execute(delete(SkillEmbedding).where(SkillEmbedding.skill_id == skill_id))
-    return bool(getattr(result, "rowcount", 0))
+    return bool(getattr(result, "rowcount", 0))  # a DML result always has one
 
 
 def list_active_tenants(session: Session) -> list[str]:
@@ -159,12 +168,26 @@ NEEDS_WORK_SQL = f"""
 """
 
 
+NOT_IN_A_RUN_SQL = """
+      AND NOT EXISTS (
+        SELECT 1 FROM embedding_run_items i JOIN embedding_runs r ON r.id = i.run_id
+        WHERE i.skill_id = skills.id AND i.outcome IS NULL AND r.finished_at IS NULL)
+"""
+
+
 def skills_needing_embedding(
-    session: Session, tenant_id: str, *, model: str, dimensions: int, force: bool = False
+    session: Session,
+    tenant_id: str,
+    *,
+    model: str,
+    dimensions: int,
+    force: bool = False,
+    exclude_pending_runs: bool = False,
 ) -> Iterator[str]:
     """Ids of the tenant's published skills with no row, a stale hash, or another model/size."""
+    sql = NEEDS_WORK_SQL + (NOT_IN_A_RUN_SQL if exclude_pending_runs else "")
     result = session.execute(
-        text(NEEDS_WORK_SQL + " ORDER BY skills.id").execution_options(yield_per=2000),
+        text(sql + " ORDER BY skills.id").execution_options(yield_per=2000),
         {"tenant_id": tenant_id, "model": model, "dimensions": dimensions, "force": force},
     )
     for row in result:

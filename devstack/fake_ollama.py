@@ -1,21 +1,18 @@
-"""A fake Ollama server, faithful to the parts of Ollama's API the embedder uses.
+"""A fake Ollama server for the tests, the demo and the benchmarks (vectors are not semantic).
 
-Routes: POST /api/embed, POST /api/show, GET /api/tags, GET /api/version, GET|HEAD /, with
-Ollama's status codes and error bodies (see /work/shared/ollama-api.md). Vectors are
-pseudo-random unit vectors seeded from the text's sha256: deterministic, not semantic.
+It serves POST /api/embed, POST /api/show, GET /api/tags, GET /api/version and GET|HEAD / with
+Ollama's status codes and error bodies (devstack.ollama_protocol holds the wire rules), runs
+embeddings through one slot as Ollama does, and takes knobs, faults and stats.
 
-Tokens are approximated as one per 4 characters, rounded up (CHARS_PER_TOKEN), so with
-`truncate` a text is cut to 4 * context_length characters and without it a longer text is a 400.
-
-Faults queue up in order: each POST /api/embed consumes the oldest pending one, whatever it asks.
-Stats: `requests` counts every answered /api/embed (any status; a dropped one is not answered);
-`inputs`, `texts` and `batch_sizes` count only 200 answers, texts as sent (before truncation).
+Faults queue up in order: each POST /api/embed consumes the oldest pending one. `requests`
+counts every answered /api/embed (any status; a dropped one is not answered); `inputs`, `texts`
+and `batch_sizes` count 200 answers only, texts as sent (before truncation).
 
 Control API, for a process that did not start the fake (answers are JSON):
-  GET  /_fake/stats                      -> the stats, plus "pending_faults"
-  POST /_fake/reset                      -> clear faults and stats
-  GET|POST /_fake/config {knob: value}   -> request_latency, input_latency, dimensions, models,
-                                            embedding_capable, context_length, max_pending
+  GET  /_fake/stats                     -> the stats, plus "pending_faults"
+  POST /_fake/reset                     -> clears faults and stats, answers the stats
+  GET|POST /_fake/config {knob: value}  -> request_latency, input_latency, dimensions, models,
+                                           embedding_capable, context_length, max_pending
   POST /_fake/faults {"kind": "fail", "count": 1, "status": 500, "error": "..."}
                      {"kind": "hang", "count": 1, "seconds": 5.0}   {"kind": "drop", "count": 1}
                      {"kind": "corrupt", "count": 1, "corruption": "nan"}
@@ -25,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http
 import json
-import math
-import random
 import signal
 import socket
 import socketserver
@@ -38,156 +32,30 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-VERSION = "0.32.15"
-BUSY = "server busy, please try again.  maximum pending requests exceeded"
-NO_EMBEDDINGS = "This server does not support embeddings. Start it with `--embeddings`"
-TOO_LONG = "the input length exceeds the context length"
-CHARS_PER_TOKEN = 4
-CORRUPTIONS = frozenset({"dimensions", "nan", "count", "empty"})
-_DEFAULT_ERRORS = {
-    400: "bad request",
-    429: "too many requests",
-    500: "llama runner process has terminated: exit status 2",
-    501: NO_EMBEDDINGS,
-    502: "bad gateway",
-    503: BUSY,
-    504: "gateway timeout",
-}
-_DETAILS: dict[str, object] = {
-    "parent_model": "",
-    "format": "gguf",
-    "family": "nomic-bert",
-    "families": ["nomic-bert"],
-    "parameter_size": "137M",
-    "quantization_level": "F16",
-}
+from devstack import ollama_protocol as wire
+from devstack.ollama_protocol import BUSY, NO_EMBEDDINGS, TOO_LONG, vector_for
+
+__all__ = ["BUSY", "NO_EMBEDDINGS", "TOO_LONG", "FakeOllama", "main", "vector_for"]
+
 _Reply = tuple[int, object]  # a str payload is sent as text/plain, anything else as JSON
-T = TypeVar("T")
-
-
-def vector_for(text: str, dimensions: int = 768) -> list[float]:
-    """Return the fake's embedding of `text`: a unit vector seeded from the sha256 of its UTF-8."""
-    return list(_unit_vector(text, dimensions))
-
-
-@lru_cache(maxsize=4096)
-def _unit_vector(text: str, dimensions: int) -> tuple[float, ...]:
-    rng = random.Random(int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big"))
-    raw = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
-    norm = math.sqrt(math.fsum(x * x for x in raw))
-    return tuple(x / norm for x in raw)
-
-
-def count_tokens(text: str) -> int:
-    """Approximate the token count of `text` the way the fake does: ceil(characters / 4)."""
-    return -(-len(text) // CHARS_PER_TOKEN)
-
-
-def _bare(model: str) -> str:
-    return model.removesuffix(":latest")
-
-
-class _Rejected(Exception):
-    """An error answer, `{"error": message}` with `status`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.reply: _Reply = (status, {"error": message})
-
-
-def _json_kind(value: object) -> str:
-    kinds = ((bool, "bool"), (str, "string"), ((int, float), "number"), (list, "array"))
-    return next((name for kind, name in kinds if isinstance(value, kind)), "object")
-
-
-def _decode(body: bytes, go_type: str) -> dict[str, Any]:
-    """Decode a JSON object body with the errors Go's encoding/json gives Ollama."""
-    if not body.strip():
-        raise _Rejected(400, "missing request body")
-    try:
-        payload = json.loads(body)
-    except ValueError as exc:
-        raise _Rejected(400, str(exc)) from None
-    if not isinstance(payload, dict):
-        kind = _json_kind(payload)
-        raise _Rejected(400, f"json: cannot unmarshal {kind} into Go value of type api.{go_type}")
-    return payload
-
-
-def _typed(payload: dict[str, Any], go_type: str, key: str, want: type[T], default: T) -> T:
-    value = payload.get(key)
-    if value is None:  # Go leaves the zero value for a missing field or a JSON null
-        return default
-    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
-        return value
-    go_name = {str: "string", bool: "bool", int: "int"}.get(want, "map[string]interface {}")
-    raise _Rejected(
-        400,
-        f"json: cannot unmarshal {_json_kind(value)} into Go struct field "
-        f"{go_type}.{key} of type {go_name}",
-    )
-
-
-@dataclass(frozen=True)
-class _EmbedRequest:
-    model: str
-    inputs: list[str]
-    truncate: bool
-    dimensions: int
-    num_ctx: int
-
-
-def _parse_embed(body: bytes) -> _EmbedRequest:
-    """Validate an /api/embed body in the order Ollama's EmbedHandler does."""
-    payload = _decode(body, "EmbedRequest")
-    model = _typed(payload, "EmbedRequest", "model", str, "")
-    truncate = _typed(payload, "EmbedRequest", "truncate", bool, True)
-    dimensions = _typed(payload, "EmbedRequest", "dimensions", int, 0)
-    options = _typed(payload, "EmbedRequest", "options", dict, {})
-    if not model:
-        raise _Rejected(404, "model '' not found")
-    raw = payload.get("input")
-    if isinstance(raw, str):
-        inputs = [raw] if raw else []
-    elif isinstance(raw, list) and all(isinstance(text, str) for text in raw):
-        inputs = raw
-    elif raw is None:
-        inputs = []
-    else:
-        raise _Rejected(400, "invalid input type")
-    num_ctx = options.get("num_ctx")
-    num_ctx = num_ctx if isinstance(num_ctx, int) and not isinstance(num_ctx, bool) else 0
-    return _EmbedRequest(model, inputs, truncate, dimensions, num_ctx)
-
-
-def _fault_text(status: int, body: bytes) -> str:
-    """Ollama's wording for an injected failure; a 404 names the model the client sent."""
-    if status != 404:
-        return _DEFAULT_ERRORS.get(status, http.HTTPStatus(status).phrase.lower())
-    with contextlib.suppress(ValueError):
-        model = json.loads(body).get("model")
-    model = model if isinstance(model, str) and model else "nomic-embed-text"
-    return f"model {json.dumps(model)} not found, try pulling it first"
-
-
-def _corrupt(vectors: list[list[float]], kind: str) -> list[list[float]]:
-    if kind == "dimensions":
-        return [[*vector, 0.0] for vector in vectors]  # still unit length, one too long
-    if kind == "nan" and vectors:
-        return [[math.nan, *vectors[0][1:]], *vectors[1:]]
-    if kind == "count":
-        return vectors[:-1]
-    return []
+_KNOBS: dict[str, tuple[type, ...]] = {
+    "request_latency": (int, float),
+    "input_latency": (int, float),
+    "dimensions": (int,),
+    "context_length": (int,),
+    "max_pending": (int,),
+    "embedding_capable": (bool,),
+    "models": (list,),
+}
 
 
 @dataclass(frozen=True)
 class _Fault:
-    kind: str  # "fail" | "hang" | "drop" | "corrupt"
+    kind: str  # "fail" | "hang" | "drop" | "corrupt" | "none"
     status: int = 0
     error: str | None = None
     seconds: float = 0.0
@@ -212,12 +80,12 @@ class FakeOllama:
     ) -> None:
         self.host, self.port = host, port
         self.dimensions, self.context_length = dimensions, context_length
-        self.models: set[str] = {_bare(model) for model in models}
+        self.models: set[str] = {wire.bare_model(model) for model in models}
         self.request_latency, self.input_latency = request_latency, input_latency
         self.max_pending, self.embedding_capable = max_pending, embedding_capable
         self._lock = threading.Lock()  # guards stats, faults, _waiting and _connections
         self._slot = threading.Lock()  # Ollama runs an embedding model with a single slot
-        self._halt = threading.Event()  # set by down(): abandons sleeping requests
+        self._halt = threading.Event()  # set by down(): abandons requests that sleep
         self._server: _Server | None = None
         self._connections: set[socket.socket] = set()
         self._faults: deque[_Fault] = deque()
@@ -242,8 +110,7 @@ class FakeOllama:
         server = _Server((self.host, self.port), _Handler)
         server.fake, self.port, self._server = self, server.server_address[1], server
         # A short poll interval keeps down() quick: shutdown() waits for the loop to notice.
-        thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-        thread.start()
+        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
 
     def down(self) -> None:
         """Stop listening and cut every connection, as a crashed Ollama; knobs and stats stay."""
@@ -288,9 +155,9 @@ class FakeOllama:
         self._queue(count, _Fault("drop"))
 
     def corrupt_next(self, count: int, kind: str) -> None:
-        """Answer the next `count` requests 200 with bad data: see CORRUPTIONS."""
-        if kind not in CORRUPTIONS:
-            raise ValueError(f"kind must be one of {sorted(CORRUPTIONS)}, not {kind!r}")
+        """Answer the next `count` requests 200 with data a client must reject (see CORRUPTIONS)."""
+        if kind not in wire.CORRUPTIONS:
+            raise ValueError(f"kind must be one of {sorted(wire.CORRUPTIONS)}, not {kind!r}")
         self._queue(count, _Fault("corrupt", corruption=kind))
 
     def _queue(self, count: int, fault: _Fault) -> None:
@@ -311,41 +178,47 @@ class FakeOllama:
     @property
     def requests(self) -> int:
         """POST /api/embed requests answered, whatever the status."""
-        with self._lock:
-            return self._requests
+        return int(self._stats()["requests"])
 
     @property
     def inputs(self) -> int:
         """Input texts embedded (200 answers only)."""
-        with self._lock:
-            return self._inputs
+        return int(self._stats()["inputs"])
 
     @property
     def texts(self) -> list[str]:
         """Every text embedded, as sent, in order."""
-        with self._lock:
-            return list(self._texts)
+        return list(self._stats()["texts"])
 
     @property
     def batch_sizes(self) -> list[int]:
         """Inputs per 200 answer of /api/embed."""
-        with self._lock:
-            return list(self._batch_sizes)
+        return list(self._stats()["batch_sizes"])
 
     @property
     def max_concurrent(self) -> int:
         """Most /api/embed requests in flight at once."""
-        with self._lock:
-            return self._max_concurrent
+        return int(self._stats()["max_concurrent"])
 
     @property
     def in_flight(self) -> int:
         """/api/embed requests arrived and not yet answered."""
+        return int(self._stats()["in_flight"])
+
+    def _stats(self) -> dict[str, Any]:
         with self._lock:
-            return self._in_flight
+            return {
+                "requests": self._requests,
+                "inputs": self._inputs,
+                "texts": list(self._texts),
+                "batch_sizes": list(self._batch_sizes),
+                "max_concurrent": self._max_concurrent,
+                "in_flight": self._in_flight,
+                "pending_faults": len(self._faults),
+            }
 
     def _has(self, model: str) -> bool:
-        return _bare(model) in {_bare(pulled) for pulled in self.models}
+        return wire.bare_model(model) in {wire.bare_model(pulled) for pulled in self.models}
 
     def _embed(self, body: bytes) -> _Reply | None:
         halt = self._halt
@@ -356,11 +229,16 @@ class FakeOllama:
         reply: _Reply | None = None
         try:
             if fault.kind == "fail":
-                reply = (fault.status, {"error": fault.error or _fault_text(fault.status, body)})
+                reply = (
+                    fault.status,
+                    {"error": fault.error or wire.fault_text(fault.status, body)},
+                )
+            # A hang waits outside the slot: a client's retry is not stuck behind the request
+            # it abandoned.
             elif fault.kind != "drop" and not (fault.kind == "hang" and halt.wait(fault.seconds)):
-                reply = self._embed_in_slot(_parse_embed(body), fault.corruption, halt)
-        except _Rejected as rejected:
-            reply = rejected.reply
+                reply = self._embed_in_slot(wire.parse_embed(body), fault.corruption, halt)
+        except wire.Rejected as rejected:
+            reply = (rejected.status, {"error": rejected.message})
         finally:
             # Counted before the answer is written, so a client that has it sees the stats.
             with self._lock:
@@ -369,25 +247,21 @@ class FakeOllama:
         return reply
 
     def _embed_in_slot(
-        self, request: _EmbedRequest, corruption: str, halt: threading.Event
+        self, request: wire.EmbedRequest, corruption: str, halt: threading.Event
     ) -> _Reply | None:
         if not self._has(request.model):
-            raise _Rejected(
-                404, f"model {json.dumps(request.model)} not found, try pulling it first"
-            )
+            raise wire.Rejected(404, wire.not_pulled(request.model))
         if not self.embedding_capable:
-            raise _Rejected(501, NO_EMBEDDINGS)
+            raise wire.Rejected(501, NO_EMBEDDINGS)
         arrived = time.monotonic_ns()
         if not self._take_slot():
-            raise _Rejected(503, BUSY)
+            raise wire.Rejected(503, BUSY)
         try:
             loaded = time.monotonic_ns()
-            context = self.context_length
-            if request.num_ctx > 0:
-                context = min(context, request.num_ctx)
-            if not request.truncate and any(count_tokens(t) > context for t in request.inputs):
-                raise _Rejected(400, TOO_LONG)  # one long item fails the whole batch
-            texts = [text[: context * CHARS_PER_TOKEN] for text in request.inputs]
+            context = min(self.context_length, request.num_ctx or self.context_length)
+            if not request.truncate and any(wire.count_tokens(t) > context for t in request.inputs):
+                raise wire.Rejected(400, TOO_LONG)  # one long item fails the whole batch
+            texts = [text[: context * wire.CHARS_PER_TOKEN] for text in request.inputs]
             if halt.wait(self.request_latency + self.input_latency * len(texts)):
                 return None
             size = request.dimensions if 0 < request.dimensions < self.dimensions else None
@@ -400,10 +274,10 @@ class FakeOllama:
             self._batch_sizes.append(len(texts))
         return 200, {
             "model": request.model,
-            "embeddings": _corrupt(vectors, corruption) if corruption else vectors,
+            "embeddings": wire.corrupt(vectors, corruption) if corruption else vectors,
             "total_duration": time.monotonic_ns() - arrived,
             "load_duration": loaded - arrived,  # as in Ollama, includes the wait for the slot
-            "prompt_eval_count": sum(count_tokens(text) for text in texts),
+            "prompt_eval_count": sum(wire.count_tokens(text) for text in texts),
         }
 
     def _take_slot(self) -> bool:
@@ -422,109 +296,67 @@ class FakeOllama:
         return True
 
     def _show(self, body: bytes) -> _Reply:
-        payload = _decode(body, "ShowRequest")
-        model = _typed(payload, "ShowRequest", "model", str, "")
-        model = model or _typed(payload, "ShowRequest", "name", str, "")
+        payload = wire.decode_object(body, "ShowRequest")
+        model = wire.typed_field(payload, "ShowRequest", "model", str, "")
+        model = model or wire.typed_field(payload, "ShowRequest", "name", str, "")
         if not model:
-            raise _Rejected(400, "model is required")
+            raise wire.Rejected(400, "model is required")
         if not self._has(model):
-            raise _Rejected(404, f"model '{model}' not found")
-        info = {
-            "general.architecture": "nomic-bert",
-            "nomic-bert.embedding_length": self.dimensions,
-            "nomic-bert.context_length": self.context_length,
-        }
-        capabilities = ["embedding"] if self.embedding_capable else ["completion"]
-        return 200, {"capabilities": capabilities, "model_info": info, "details": _DETAILS}
+            raise wire.Rejected(404, f"model '{model}' not found")
+        return 200, wire.show_payload(self.dimensions, self.context_length, self.embedding_capable)
 
-    def _tags(self, body: bytes) -> _Reply:
-        names = sorted(m if ":" in m else f"{m}:latest" for m in map(_bare, self.models))
-        digest = {name: hashlib.sha256(name.encode()).hexdigest() for name in names}
-        return 200, {
-            "models": [
-                {"name": name, "model": name, "size": 274302450, "digest": digest[name]}
-                | {"modified_at": "2025-01-01T00:00:00Z", "details": _DETAILS}
-                for name in names
-            ]
-        }
-
-    def _stats(self, body: bytes) -> _Reply:
-        with self._lock:
-            return 200, {
-                "requests": self._requests,
-                "inputs": self._inputs,
-                "texts": list(self._texts),
-                "batch_sizes": list(self._batch_sizes),
-                "max_concurrent": self._max_concurrent,
-                "in_flight": self._in_flight,
-                "pending_faults": len(self._faults),
-            }
-
-    def _reset(self, body: bytes) -> _Reply:
-        self.reset()
-        return self._stats(body)
-
-    def _config(self, body: bytes) -> _Reply:
-        changes = _decode(body, "config") if body.strip() else {}
+    def _configure(self, body: bytes) -> _Reply:
+        changes = wire.decode_object(body, "config") if body.strip() else {}
         for key, value in changes.items():
             kinds = _KNOBS.get(key, ())
             valid = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
             if not valid or (key == "models" and not all(isinstance(m, str) for m in value)):
-                raise _Rejected(400, f"invalid config field {key!r}: {value!r}")
-            minimum = 1 if key in _POSITIVE else 0
+                raise wire.Rejected(400, f"invalid config field {key!r}: {value!r}")
+            minimum = 1 if key in ("dimensions", "context_length") else 0
             if not isinstance(value, bool | list) and value < minimum:
-                raise _Rejected(400, f"config field {key!r} is too small: {value!r}")
-        for key, value in changes.items():
-            setattr(self, key, {_bare(m) for m in value} if key == "models" else value)
+                raise wire.Rejected(400, f"config field {key!r} must be >= {minimum}: {value!r}")
+        for key, value in changes.items():  # applied only once every field is valid
+            setattr(self, key, {wire.bare_model(m) for m in value} if key == "models" else value)
         return 200, {key: getattr(self, key) for key in _KNOBS} | {"models": sorted(self.models)}
 
     def _add_faults(self, body: bytes) -> _Reply:
-        payload = _decode(body, "fault")
-        kind, count = payload.get("kind"), payload.get("count", 1)
+        fault = wire.decode_object(body, "fault")
+        kind, count = fault.get("kind"), fault.get("count", 1)
         try:
             if kind == "fail":
-                self.fail_next(count, payload.get("status", 500), payload.get("error"))
+                self.fail_next(count, fault.get("status", 500), fault.get("error"))
             elif kind == "hang":
-                self.hang_next(count, payload.get("seconds", 1.0))
+                self.hang_next(count, fault.get("seconds", 1.0))
             elif kind == "drop":
                 self.drop_next(count)
             elif kind == "corrupt":
-                self.corrupt_next(count, payload.get("corruption", "nan"))
+                self.corrupt_next(count, fault.get("corruption", "nan"))
             else:
                 raise ValueError(f"kind must be fail, hang, drop or corrupt, not {kind!r}")
         except (TypeError, ValueError) as exc:
-            raise _Rejected(400, str(exc)) from None
-        with self._lock:
-            return 200, {"pending_faults": len(self._faults)}
+            raise wire.Rejected(400, str(exc)) from None
+        return 200, {"pending_faults": self._stats()["pending_faults"]}
+
+    def _reset(self, body: bytes) -> _Reply:
+        self.reset()
+        return 200, self._stats()
 
 
-_KNOBS: dict[str, tuple[type, ...]] = {
-    "request_latency": (int, float),
-    "input_latency": (int, float),
-    "dimensions": (int,),
-    "context_length": (int,),
-    "max_pending": (int,),
-    "embedding_capable": (bool,),
-    "models": (list,),
-}
-_POSITIVE = frozenset({"dimensions", "context_length"})
 _Route = Callable[[FakeOllama, bytes], _Reply | None]
-_GET_ONLY: dict[str, _Route] = {"/": lambda f, b: (200, "Ollama is running")}
-_GET_ONLY |= {
-    "/api/version": lambda f, b: (200, {"version": VERSION}),
-    "/api/tags": FakeOllama._tags,
-}
 _ROUTES: dict[str, dict[str, _Route]] = {
-    path: {"GET": r, "HEAD": r} for path, r in _GET_ONLY.items()
-}
-_ROUTES |= {
+    "/": {"GET": lambda fake, body: (200, "Ollama is running")},
+    "/api/version": {"GET": lambda fake, body: (200, {"version": wire.VERSION})},
+    "/api/tags": {"GET": lambda fake, body: (200, wire.tags_payload(fake.models))},
     "/api/embed": {"POST": FakeOllama._embed},
     "/api/show": {"POST": FakeOllama._show},
-    "/_fake/stats": {"GET": FakeOllama._stats},
+    "/_fake/stats": {"GET": lambda fake, body: (200, fake._stats())},
     "/_fake/reset": {"POST": FakeOllama._reset},
-    "/_fake/config": {"GET": FakeOllama._config, "POST": FakeOllama._config},
+    "/_fake/config": {"GET": FakeOllama._configure, "POST": FakeOllama._configure},
     "/_fake/faults": {"POST": FakeOllama._add_faults},
 }
+for _methods in _ROUTES.values():
+    if "GET" in _methods:  # Ollama's GET routes answer HEAD too
+        _methods.setdefault("HEAD", _methods["GET"])
 
 
 class _Server(ThreadingHTTPServer):
@@ -540,7 +372,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so an httpx client reuses its connection
-    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms ACK wait
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed ACK
     server: _Server
 
     def setup(self) -> None:
@@ -554,7 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: tests and the demo have their own output
+        pass  # quiet: the tests and the demo have their own output
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -565,19 +397,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
     def _dispatch(self, method: str) -> None:
-        # Read the whole body first: an unread body would be parsed as the next request.
         length = self.headers.get("Content-Length", "0")
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         if not length.isdigit():
             self.close_connection = True
             return self._send((400, "invalid Content-Length"), method)
-        body = self.rfile.read(int(length))
+        # Read the body even when it is not needed: left unread it would pass for the next request.
+        body = self._read_chunks() if chunked else self.rfile.read(int(length))
         routes = _ROUTES.get(self.path.split("?", 1)[0])
         route = routes.get(method) if routes else None
         try:
@@ -587,12 +414,21 @@ class _Handler(BaseHTTPRequestHandler):
                 reply = (405, "405 method not allowed")
             else:
                 reply = route(self.server.fake, body)
-        except _Rejected as rejected:
-            reply = rejected.reply
+        except wire.Rejected as rejected:
+            reply = (rejected.status, {"error": rejected.message})
         if reply is None:
             self.close_connection = True  # a dropped request: no status line at all
             return None
         return self._send(reply, method)
+
+    def _read_chunks(self) -> bytes:
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0] or b"0", 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+        while self.rfile.readline().strip():
+            pass  # trailer fields, up to the blank line
+        return b"".join(chunks)
 
     def _send(self, reply: _Reply, method: str) -> None:
         status, payload = reply
@@ -600,9 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         try:
             self.send_response(status)
-            self.send_header(
-                "Content-Type", f"{'text/plain' if text else 'application/json'}; charset=utf-8"
-            )
+            self.send_header("Content-Type", "text/plain" if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if method != "HEAD":

@@ -1,14 +1,17 @@
-"""Session-wide throwaway servers (PostgreSQL with pgvector, Redis, fake Ollama); fresh state per test."""
+"""Throwaway servers (PostgreSQL with pgvector, Redis, fake Ollama, workers); fresh state per test."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from db import migrate
 from db.session import make_engine
+from devstack.fake_ollama import FakeOllama
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tests.databases import (
@@ -18,6 +21,7 @@ from tests.databases import (
     create_roles,
     throwaway_database,
 )
+from tests.processes import Process, start_worker
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +84,68 @@ def redis_server() -> Iterator[LocalRedis]:
 @pytest.fixture
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ollama_server() -> Iterator[FakeOllama]:
+    with FakeOllama() as server:
+        yield server
+
+
+@pytest.fixture
+def ollama(ollama_server: FakeOllama) -> Iterator[FakeOllama]:
+    """The session's fake Ollama with default knobs and no faults or stats."""
+    ollama_server.reset()
+    ollama_server.request_latency = ollama_server.input_latency = 0.0
+    ollama_server.dimensions = 768
+    ollama_server.models = {"nomic-embed-text"}
+    ollama_server.embedding_capable = True
+    if ollama_server.port and not _listening(ollama_server.port):
+        ollama_server.up()
+    yield ollama_server
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedis) -> str:
+    """The session's Redis, emptied: no queued job leaks from one test into the next."""
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def embedder_env(db: Database, redis_url: str, ollama: FakeOllama) -> dict[str, str]:
+    """The environment a deployment gives the worker: the app's non-owner role, fast retries."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("EMBED")}
+    env.update(
+        DATABASE_URL=db.app_url,
+        REDIS_URL=redis_url,
+        OLLAMA_URL=ollama.url,
+        OLLAMA_MODEL="nomic-embed-text",
+        EMBEDDING_DIMENSIONS="768",
+        EMBED_RETRY_BACKOFF_SECONDS="0.05",
+        EMBED_RETRY_BACKOFF_MAX_SECONDS="0.2",
+        EMBED_MAX_RETRIES="4",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
+    """A real `celery -A worker worker` process for this test."""
+    process = start_worker(embedder_env, tmp_path / "worker.log")
+    try:
+        yield process
+    finally:
+        process.stop()

@@ -1,8 +1,9 @@
-"""The fake Ollama server, spoken to over loopback HTTP as the embedder's client speaks to Ollama."""
+"""The fake Ollama server, spoken to over loopback HTTP as the embedder speaks to Ollama."""
 
 from __future__ import annotations
 
 import math
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,6 +20,12 @@ from devstack.fake_ollama import BUSY, NO_EMBEDDINGS, TOO_LONG, FakeOllama, vect
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "nomic-embed-text"
+# The fake speaks plain HTTP: one shared context spares every client loading the CA bundle (50 ms).
+PLAIN_HTTP = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def new_client(fake: FakeOllama) -> httpx.Client:
+    return httpx.Client(base_url=fake.url, timeout=5.0, verify=PLAIN_HTTP)
 
 
 @pytest.fixture
@@ -29,7 +36,7 @@ def fake() -> Iterator[FakeOllama]:
 
 @pytest.fixture
 def client(fake: FakeOllama) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=fake.url, timeout=5.0) as http_client:
+    with new_client(fake) as http_client:
         yield http_client
 
 
@@ -90,7 +97,9 @@ def test_prompt_field_is_ignored_like_any_unknown_field(client: httpx.Client) ->
     assert response.json()["embeddings"] == []
 
 
-def test_long_input_is_cut_to_the_context_by_default(fake: FakeOllama, client: httpx.Client) -> None:
+def test_long_input_is_cut_to_the_context_by_default(
+    fake: FakeOllama, client: httpx.Client
+) -> None:
     fake.context_length = 8  # 8 tokens = 32 characters
     body = embed(client, input="y" * 50).json()
     assert body["embeddings"] == [vector_for("y" * 32)]
@@ -126,7 +135,11 @@ def test_dimensions_param_out_of_range_is_ignored(client: httpx.Client, dimensio
     [
         ({"input": "x"}, 404, "model '' not found"),
         ({"model": "", "input": "x"}, 404, "model '' not found"),
-        ({"model": "all-minilm", "input": "x"}, 404, 'model "all-minilm" not found, try pulling it first'),
+        (
+            {"model": "all-minilm", "input": "x"},
+            404,
+            'model "all-minilm" not found, try pulling it first',
+        ),
         ({"model": MODEL, "input": 5}, 400, "invalid input type"),
         ({"model": MODEL, "input": ["ok", 5]}, 400, "invalid input type"),
         ({"model": MODEL, "input": {"text": "x"}}, 400, "invalid input type"),
@@ -166,12 +179,12 @@ def test_model_that_cannot_embed_is_501(fake: FakeOllama, client: httpx.Client) 
 
 def test_full_queue_is_503_server_busy(fake: FakeOllama) -> None:
     fake.max_pending, fake.request_latency = 0, 0.3
-    with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=fake.url, timeout=5.0) as other:
+    with ThreadPoolExecutor(2) as pool, new_client(fake) as other:
         first = pool.submit(embed, other, input="first")
         deadline = time.monotonic() + 2
         while fake.in_flight == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
-        with httpx.Client(base_url=fake.url, timeout=5.0) as client:
+        with new_client(fake) as client:
             second = embed(client, input="second")
         responses = [first.result(), second]
     assert sorted(r.status_code for r in responses) == [200, 503]
@@ -208,7 +221,9 @@ def test_tags_lists_pulled_models_with_their_tag(client: httpx.Client) -> None:
     assert "details" in models[0]
 
 
-def test_show_reports_capability_dimensions_and_context(fake: FakeOllama, client: httpx.Client) -> None:
+def test_show_reports_capability_dimensions_and_context(
+    fake: FakeOllama, client: httpx.Client
+) -> None:
     fake.dimensions = 384
     body = client.post("/api/show", json={"model": f"{MODEL}:latest"}).json()
     assert "embedding" in body["capabilities"]
@@ -219,6 +234,13 @@ def test_show_reports_capability_dimensions_and_context(fake: FakeOllama, client
 
 def test_show_of_a_model_not_pulled_is_404(client: httpx.Client) -> None:
     assert client.post("/api/show", json={"model": "all-minilm"}).status_code == 404
+
+
+def test_chunked_request_body_is_read_whole(client: httpx.Client) -> None:
+    chunks = iter([b'{"model": "nomic-embed-text", ', b'"input": "x"}'])
+    response = client.post("/api/embed", content=chunks)
+    assert response.json()["embeddings"] == [vector_for("x")]
+    assert embed(client, input="y").status_code == 200  # the connection is still in step
 
 
 def test_client_reuses_one_keep_alive_connection(client: httpx.Client) -> None:
@@ -243,7 +265,7 @@ def test_two_clients_at_once_are_served_one_at_a_time(fake: FakeOllama) -> None:
     fake.request_latency = 0.15
 
     def post(text: str) -> int:
-        with httpx.Client(base_url=fake.url, timeout=5.0) as client:
+        with new_client(fake) as client:
             return embed(client, input=text).status_code
 
     started = time.monotonic()
@@ -254,7 +276,9 @@ def test_two_clients_at_once_are_served_one_at_a_time(fake: FakeOllama) -> None:
     assert fake.max_concurrent == 2
 
 
-def test_sequential_requests_show_max_concurrent_one(fake: FakeOllama, client: httpx.Client) -> None:
+def test_sequential_requests_show_max_concurrent_one(
+    fake: FakeOllama, client: httpx.Client
+) -> None:
     for text in ("a", "b", "c"):
         embed(client, input=text)
     assert (fake.max_concurrent, fake.in_flight) == (1, 0)
@@ -397,7 +421,9 @@ def test_control_config_changes_knobs(fake: FakeOllama, client: httpx.Client) ->
     config = {"dimensions": 16, "models": ["all-minilm:latest"], "input_latency": 0.001}
     assert client.post("/_fake/config", json=config).json()["models"] == ["all-minilm"]
     assert (fake.dimensions, fake.input_latency) == (16, 0.001)
-    assert embed(client, model="all-minilm", input="x").json()["embeddings"] == [vector_for("x", 16)]
+    assert embed(client, model="all-minilm", input="x").json()["embeddings"] == [
+        vector_for("x", 16)
+    ]
     assert embed(client, input="x").status_code == 404
 
 
@@ -441,10 +467,10 @@ def test_command_line_serves_until_terminated() -> None:
         line = process.stdout.readline().strip()
         assert line.startswith("Fake Ollama listening on http://127.0.0.1:")
         assert line.endswith("(vectors are not semantic)")
-        url = line.split()[4]
-        assert httpx.get(url).text == "Ollama is running"
-        vector = httpx.post(f"{url}/api/embed", json={"model": MODEL, "input": "x"}).json()
-        assert vector["embeddings"] == [vector_for("x", 8)]
+        with httpx.Client(base_url=line.split()[4], verify=PLAIN_HTTP) as client:
+            assert client.get("/").text == "Ollama is running"
+            body = embed(client, input="x").json()
+        assert body["embeddings"] == [vector_for("x", 8)]
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
@@ -452,7 +478,7 @@ def test_command_line_serves_until_terminated() -> None:
 
 def test_handler_threads_end_when_the_fake_stops() -> None:
     before = threading.active_count()
-    with FakeOllama() as server, httpx.Client(base_url=server.url) as client:
+    with FakeOllama() as server, new_client(server) as client:
         server.hang_next(1, 30.0)
         with pytest.raises(httpx.ReadTimeout):
             client.post("/api/embed", json={"model": MODEL, "input": "x"}, timeout=0.1)

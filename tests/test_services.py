@@ -58,9 +58,7 @@ def test_update_site_settings_inserts_then_updates(db: Database, sessions: Sessi
     db.execute("INSERT INTO tenants (id, name, slug) VALUES (:t, 't', 't')", t=TENANT_A)
 
     with tenant_scope(sessions, TENANT_A) as session:
-        created = services.update_site_settings(
-            session, TENANT_A, semantic_similarity_enabled=True
-        )
+        created = services.update_site_settings(session, TENANT_A, semantic_similarity_enabled=True)
         assert created.semantic_similarity_enabled
         assert created.ollama_model == "nomic-embed-text"
     with tenant_scope(sessions, TENANT_A) as session:
@@ -149,7 +147,7 @@ def test_a_tenant_scope_neither_sees_nor_writes_another_tenants_rows(
         assert services.get_skill_embedding(session, skill_b) is None
         assert services.get_site_settings(session, TENANT_B) is None
         assert not services.delete_skill_embedding(session, skill_b)
-    with pytest.raises(ProgrammingError, match="row-level security"):  # noqa: PT012
+    with pytest.raises(ProgrammingError, match="row-level security"):
         with tenant_scope(sessions, TENANT_A) as session:
             services.upsert_skill_embedding(session, **embedding_for(TENANT_B, skill_b, "forged"))
 

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(default=32, ge=1, le=512)
     embed_batch_wait_ms: int = Field(default=50, ge=0)
     reconcile_interval_seconds: float = Field(default=600.0, gt=0)
+    broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
+    task_time_limit_seconds: int = Field(default=300, ge=1)
     flower_basic_auth: str | None = None
 
     @field_validator("database_url")

@@ -1,0 +1,198 @@
+"""Backfill runs in the database: counts survive any process, and each skill counts once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Result, text
+from sqlalchemy.orm import Session
+
+from db.services import NEEDS_WORK_SQL
+
+# How a job's outcome adds to the run's counters.
+COUNTER = {
+    "embedded": "embedded",
+    "unchanged": "unchanged",
+    "failed": "failed",
+}
+SKIPPED = "skipped"  # removed, disabled, superseded, vanished: neither embedded nor a failure
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    id: str
+    tenant_id: str | None
+    total: int
+    embedded: int
+    unchanged: int
+    failed: int
+    skipped: int
+    fanned_out: bool
+    started_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def done(self) -> int:
+        return self.embedded + self.unchanged + self.failed + self.skipped
+
+    @property
+    def current(self) -> int:
+        """Skills that end the run with a current embedding (the X of the summary)."""
+        return self.embedded + self.unchanged
+
+    @property
+    def summary(self) -> str:
+        return f"Done. Embedded {self.current}/{self.total} skills. {self.failed} failures."
+
+
+RUN_COLUMNS = (
+    "id, tenant_id, total, embedded, unchanged, failed, skipped, fanned_out, started_at,"
+    " finished_at"
+)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return int(getattr(result, "rowcount", 0))
+
+
+def _state(row: Any) -> RunState:
+    return RunState(*row)
+
+
+def create_run(session: Session, run_id: str, tenant_id: str | None, force: bool) -> None:
+    session.execute(
+        text("INSERT INTO embedding_runs (id, tenant_id, force) VALUES (:id, :tenant, :force)"),
+        {"id": run_id, "tenant": tenant_id, "force": force},
+    )
+
+
+def add_tenant_items(
+    session: Session, run_id: str, tenant_id: str, *, model: str, dimensions: int, force: bool
+) -> tuple[int, int]:
+    """Record the tenant's skills that need work as run items; (published, queued).
+
+    Runs in the tenant's scope: the selection happens in SQL, nothing is held in memory.
+    """
+    queued = _rowcount(
+        session.execute(
+            text(
+                f"""
+            INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
+            SELECT :run_id, skill_id, :tenant_id, row_number() OVER (ORDER BY skill_id)
+            FROM ({NEEDS_WORK_SQL}) AS needs_work
+            ON CONFLICT DO NOTHING
+            """
+            ),
+            {
+                "run_id": run_id,
+                "tenant_id": tenant_id,
+                "model": model,
+                "dimensions": dimensions,
+                "force": force,
+            },
+        )
+    )
+    published = session.execute(
+        text("SELECT count(*) FROM skills WHERE tenant_id = :t AND status = 'published'"),
+        {"t": tenant_id},
+    ).scalar_one()
+    session.execute(
+        text(
+            "UPDATE embedding_runs SET total = total + :published,"
+            " unchanged = unchanged + :current WHERE id = :id"
+        ),
+        {"published": published, "current": published - queued, "id": run_id},
+    )
+    return int(published), int(queued)
+
+
+def iter_pending_items(session: Session, run_id: str) -> Iterator[tuple[str, str]]:
+    """(skill_id, tenant_id) of the run's items without an outcome, streamed."""
+    result = session.execute(
+        text(
+            "SELECT skill_id, tenant_id FROM embedding_run_items"
+            " WHERE run_id = :id AND outcome IS NULL ORDER BY tenant_id, position"
+        ).execution_options(yield_per=2000),
+        {"id": run_id},
+    )
+    for row in result:
+        yield str(row.skill_id), str(row.tenant_id)
+
+
+def mark_fanned_out(session: Session, run_id: str) -> RunState | None:
+    """All items are recorded; returns the run if that completed it (nothing was queued)."""
+    session.execute(
+        text("UPDATE embedding_runs SET fanned_out = true WHERE id = :id"), {"id": run_id}
+    )
+    return _finish_if_complete(session, run_id)
+
+
+def record_outcome(
+    session: Session, run_id: str, skill_id: str, outcome: str, detail: str | None = None
+) -> tuple[RunState, bool] | None:
+    """Set the item's outcome once; (run, this call finished the run), or None if already set.
+
+    A redelivered or duplicated job finds the outcome set and changes nothing: the run's counts
+    and its one summary line stay right whatever was retried, killed or enqueued twice.
+    """
+    column = COUNTER.get(outcome, SKIPPED)
+    updated = _rowcount(
+        session.execute(
+            text(
+                "UPDATE embedding_run_items SET outcome = :outcome, detail = :detail,"
+                " finished_at = now() WHERE run_id = :run AND skill_id = :skill AND outcome IS NULL"
+            ),
+            {"outcome": outcome, "detail": detail, "run": run_id, "skill": skill_id},
+        )
+    )
+    if not updated:
+        return None
+    # The row lock taken here serialises concurrent recorders, so the completion check is exact.
+    row = session.execute(
+        text(
+            f"UPDATE embedding_runs SET {column} = {column} + 1 WHERE id = :id"
+            f" RETURNING {RUN_COLUMNS}"
+        ),
+        {"id": run_id},
+    ).one()
+    finished = _finish_if_complete(session, run_id)
+    return (finished or _state(row)), finished is not None
+
+
+def _finish_if_complete(session: Session, run_id: str) -> RunState | None:
+    row = session.execute(
+        text(
+            "UPDATE embedding_runs SET finished_at = now() WHERE id = :id AND finished_at IS NULL"
+            " AND fanned_out AND embedded + unchanged + failed + skipped >= total"
+            f" RETURNING {RUN_COLUMNS}"
+        ),
+        {"id": run_id},
+    ).one_or_none()
+    return _state(row) if row else None
+
+
+def get_run(session: Session, run_id: str) -> RunState | None:
+    row = session.execute(
+        text(f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE id = :id"), {"id": run_id}
+    ).one_or_none()
+    return _state(row) if row else None
+
+
+def latest_run(session: Session) -> RunState | None:
+    row = session.execute(
+        text(f"SELECT {RUN_COLUMNS} FROM embedding_runs ORDER BY started_at DESC LIMIT 1")
+    ).one_or_none()
+    return _state(row) if row else None
+
+
+def unfinished_runs(session: Session) -> list[RunState]:
+    rows = session.execute(
+        text(
+            f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE finished_at IS NULL AND fanned_out"
+            " ORDER BY started_at"
+        )
+    )
+    return [_state(row) for row in rows]

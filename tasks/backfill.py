@@ -1,0 +1,224 @@
+"""Backfill and reconcile: choose in SQL what needs work, fan out one job per skill, count it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from celery import Task
+
+from db import runs, services
+from db.session import tenant_scope, unscoped
+from tasks.embedding import tenant_config
+from tasks.errors import (
+    DimensionMismatch,
+    EmbedderError,
+    OllamaNotReady,
+    UnknownTenant,
+)
+from tasks.queues import BULK
+from tasks.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+# The embed_skill task, handed in by tasks.jobs so this module does not import it back.
+Enqueuer = Task[..., Any]
+
+
+class ProgressLog:
+    """Records a job's outcome in its run and writes the lines an operator follows."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def finished(self, run_id: str | None, skill_id: str, outcome: str, name: str) -> None:
+        label = outcome.capitalize()
+        if run_id is None:
+            logger.info("%s: %s", label, name)
+            return
+        recorded = self._record(run_id, skill_id, outcome)
+        if recorded is not None:
+            state, closed = recorded
+            logger.info("[%d/%d] %s: %s", state.done, state.total, label, name)
+            if closed:
+                logger.info(state.summary)
+
+    def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
+        tries = f" after {retries + 1} attempts" if retries else ""
+        if run_id is None:
+            logger.warning("Failed%s: %s: %s", tries, skill_id, reason)
+            return
+        recorded = self._record(run_id, skill_id, "failed", reason)
+        if recorded is not None:
+            state, closed = recorded
+            logger.warning(
+                "[%d/%d] Failed%s: %s: %s", state.done, state.total, tries, skill_id, reason
+            )
+            if closed:
+                logger.info(state.summary)
+
+    def _record(
+        self, run_id: str, skill_id: str, outcome: str, detail: str | None = None
+    ) -> tuple[runs.RunState, bool] | None:
+        with unscoped(self.rt.sessions) as session:
+            return runs.record_outcome(session, run_id, skill_id, outcome, detail)
+
+
+def _enabled_tenants(rt: Runtime, only: str | None) -> list[str]:
+    with unscoped(rt.sessions) as session:
+        tenants = services.list_active_tenants(session)
+    if only is not None:
+        if only not in tenants:
+            raise UnknownTenant(f"tenant {only!r} does not exist or is not active: check the id")
+        tenants = [only]
+    enabled = []
+    for tenant in tenants:
+        with tenant_scope(rt.sessions, tenant) as session:
+            if tenant_config(rt, session, tenant).enabled:
+                enabled.append(tenant)
+    return enabled
+
+
+def preflight(rt: Runtime, tenants: list[str]) -> None:
+    """Every Ollama the tenants use is up, has the model, and makes vectors the column holds."""
+    column = rt.column_dimensions
+    checked: set[tuple[str, str, int]] = set()
+    for tenant in tenants:
+        with tenant_scope(rt.sessions, tenant) as session:
+            config = tenant_config(rt, session, tenant)
+        key = (config.ollama_url, config.model, config.dimensions)
+        if key in checked:
+            continue
+        checked.add(key)
+        if column is not None and config.dimensions != column:
+            raise DimensionMismatch(
+                f"tenant {tenant!r} is set to {config.dimensions} dimensions but"
+                f" skill_embeddings.embedding is vector({column}): fix"
+                " site_settings.embedding_dimensions or EMBEDDING_DIMENSIONS"
+            )
+        try:
+            rt.ollama.for_url(config.ollama_url).preflight(
+                model=config.model, dimensions=config.dimensions
+            )
+        except EmbedderError as exc:
+            raise OllamaNotReady(f"Backfill refused: {exc}") from None
+
+
+def ensure_default_tenant_enabled(rt: Runtime) -> None:
+    """The seed plan's step: the default tenant has a settings row with semantic search on."""
+    tenant = rt.settings.default_tenant_id
+    with unscoped(rt.sessions) as session:
+        if tenant not in services.list_active_tenants(session):
+            return
+    with tenant_scope(rt.sessions, tenant) as session:
+        row = services.get_site_settings(session, tenant)
+        if row is None:
+            services.update_site_settings(
+                session,
+                tenant,
+                semantic_similarity_enabled=True,
+                ollama_url=rt.settings.ollama_url,
+                ollama_model=rt.settings.ollama_model,
+                embedding_dimensions=rt.settings.embedding_dimensions,
+            )
+        elif not row.semantic_similarity_enabled:
+            services.update_site_settings(session, tenant, semantic_similarity_enabled=True)
+
+
+def start_backfill(
+    rt: Runtime, task: Enqueuer, run_id: str | None, tenant_id: str | None, force: bool
+) -> dict[str, Any]:
+    """Preflight, record the run, fan out one bulk job per skill that needs work."""
+    run_id = run_id or str(uuid.uuid4())
+    if tenant_id in (None, rt.settings.default_tenant_id):
+        ensure_default_tenant_enabled(rt)
+    tenants = _enabled_tenants(rt, tenant_id)
+    preflight(rt, tenants)
+    with unscoped(rt.sessions) as session:
+        runs.create_run(session, run_id, tenant_id, force)
+    published = queued = 0
+    for tenant in tenants:
+        with tenant_scope(rt.sessions, tenant) as session:
+            config = tenant_config(rt, session, tenant)
+            counts = runs.add_tenant_items(
+                session,
+                run_id,
+                tenant,
+                model=config.model,
+                dimensions=config.dimensions,
+                force=force,
+            )
+        published += counts[0]
+        queued += counts[1]
+    logger.info(
+        "Backfill %s: %d published skills in %d tenants, %d to embed",
+        run_id,
+        published,
+        len(tenants),
+        queued,
+    )
+    enqueue_pending(rt, task, run_id)
+    with unscoped(rt.sessions) as session:
+        finished = runs.mark_fanned_out(session, run_id)
+    if finished is not None:
+        logger.info(finished.summary)
+    return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": queued}
+
+
+def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str) -> int:
+    """Queue a bulk job for each of the run's items without an outcome, streaming from SQL."""
+    count = 0
+    with unscoped(rt.sessions) as session:
+        for skill_id, tenant in runs.iter_pending_items(session, run_id):
+            task.apply_async(
+                kwargs={"skill_id": skill_id, "tenant_id": tenant, "run_id": run_id},
+                queue=BULK,
+            )
+            count += 1
+    return count
+
+
+def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> dict[str, int]:
+    """Heal what a lost message, an emptied Redis or a long outage left behind.
+
+    Rows of unpublished skills go at once. Re-queuing waits until the bulk lane is empty
+    (`bulk_waiting == 0`): while jobs wait there, they are the plan, not something lost.
+    """
+    with unscoped(rt.sessions) as session:
+        tenants = services.list_active_tenants(session)
+    removed = 0
+    for tenant in tenants:
+        with tenant_scope(rt.sessions, tenant) as session:
+            removed += services.remove_unpublished_embeddings(session, tenant)
+    if bulk_waiting:
+        logger.info("Reconcile: %d jobs still queued, re-queuing nothing", bulk_waiting)
+        return {"removed": removed, "requeued": 0, "queued": 0}
+    requeued = 0
+    with unscoped(rt.sessions) as session:
+        unfinished = runs.unfinished_runs(session)
+    for run in unfinished:
+        requeued += enqueue_pending(rt, task, run.id)
+    queued = 0
+    for tenant in _enabled_tenants(rt, None):
+        with tenant_scope(rt.sessions, tenant) as session:
+            config = tenant_config(rt, session, tenant)
+            for skill_id in services.skills_needing_embedding(
+                session,
+                tenant,
+                model=config.model,
+                dimensions=config.dimensions,
+                exclude_pending_runs=True,
+            ):
+                task.apply_async(kwargs={"skill_id": skill_id, "tenant_id": tenant}, queue=BULK)
+                queued += 1
+    if removed or requeued or queued:
+        logger.info(
+            "Reconcile: removed %d rows of unpublished skills, re-queued %d run jobs,"
+            " queued %d missing or stale skills",
+            removed,
+            requeued,
+            queued,
+        )
+    return {"removed": removed, "requeued": requeued, "queued": queued}

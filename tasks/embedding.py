@@ -1,0 +1,307 @@
+"""Embed skills: load, decide, call Ollama, write. The decision is a pure function (`decide`)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db import services
+from db.models import PUBLISHED, SkillEmbedding
+from db.session import tenant_scope, unscoped
+from tasks.errors import (
+    BadEmbedding,
+    DimensionMismatch,
+    EmbedderError,
+    OllamaRejected,
+    PermanentError,
+    SkillNotFound,
+    TenantMismatch,
+)
+from tasks.ollama import OllamaClient
+from tasks.runtime import Runtime
+from tasks.text import input_hash, skill_text
+
+logger = logging.getLogger(__name__)
+
+# The app's column default: a row still holding it was never pointed anywhere on purpose, so the
+# deployment's OLLAMA_URL applies (inside containers, localhost is not where Ollama runs).
+APP_DEFAULT_OLLAMA_URL = "http://localhost:11434"
+
+
+class Outcome(StrEnum):
+    EMBEDDED = "embedded"  # a new or refreshed vector was written
+    UNCHANGED = "unchanged"  # the stored vector already matches text, model and size
+    REMOVED = "removed"  # the skill is not published (or gone): its row is deleted
+    DISABLED = "disabled"  # the tenant has semantic similarity turned off
+    SUPERSEDED = "superseded"  # the skill changed while we embedded; a newer job writes it
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    skill_id: str
+    tenant_id: str | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    enabled: bool
+    ollama_url: str
+    model: str
+    dimensions: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEmbedding:
+    input_hash: str
+    model_name: str
+    dimensions: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Outcome | None  # None: embed `text`
+    text: str = ""
+    name: str = ""
+
+    @property
+    def needs_embedding(self) -> bool:
+        return self.action is None
+
+
+def decide(
+    skill: services.SkillRecord,
+    stored: StoredEmbedding | None,
+    config: TenantConfig,
+    *,
+    force: bool = False,
+) -> Decision:
+    """What one skill needs, from what the database holds; no I/O."""
+    if skill.status != PUBLISHED:
+        return Decision(Outcome.REMOVED, name=skill.name)
+    if not config.enabled:
+        return Decision(Outcome.DISABLED, name=skill.name)
+    text = skill_text(skill.name, skill.description)
+    if (
+        not force
+        and stored is not None
+        and stored.input_hash == input_hash(text)
+        and stored.model_name == config.model
+        and stored.dimensions == config.dimensions
+    ):
+        return Decision(Outcome.UNCHANGED, name=skill.name)
+    return Decision(None, text=text, name=skill.name)
+
+
+def tenant_config(runtime: Runtime, session: Session, tenant_id: str) -> TenantConfig:
+    """The tenant's site_settings over the environment's defaults; off when there is no row."""
+    defaults = runtime.settings
+    row = services.get_site_settings(session, tenant_id)
+    if row is None:
+        return TenantConfig(False, defaults.ollama_url, defaults.ollama_model, 0)
+    url = row.ollama_url if row.ollama_url and row.ollama_url != APP_DEFAULT_OLLAMA_URL else None
+    return TenantConfig(
+        enabled=row.semantic_similarity_enabled,
+        ollama_url=(url or defaults.ollama_url).rstrip("/"),
+        model=row.ollama_model or defaults.ollama_model,
+        dimensions=row.embedding_dimensions or defaults.embedding_dimensions,
+    )
+
+
+def find_tenant(runtime: Runtime, skill_id: str) -> str:
+    """The tenant a skill belongs to, looking in the default tenant first (RLS hides the rest)."""
+    with unscoped(runtime.sessions) as session:
+        tenants = services.list_active_tenants(session)
+    default = runtime.settings.default_tenant_id
+    ordered = [default, *(t for t in tenants if t != default)]
+    for tenant in ordered:
+        with tenant_scope(runtime.sessions, tenant) as session:
+            skill = services.get_skill(session, skill_id)
+            if skill is not None:
+                return skill.tenant_id
+    raise SkillNotFound(f"no skill {skill_id!r} in any active tenant: check the id")
+
+
+@dataclass
+class _Pending:
+    index: int
+    request: EmbedRequest
+    tenant_id: str
+    name: str
+    text: str
+    config: TenantConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """What happened to one skill, with its name for the log."""
+
+    outcome: Outcome
+    name: str
+
+
+Result = Embedded | EmbedderError
+
+
+def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Result]:
+    """Embed a batch: one Ollama call per (server, model) and one write per tenant.
+
+    Each request gets its own result, so one bad input never fails its neighbours.
+    """
+    results: list[Result | None] = [None] * len(requests)
+    by_tenant: dict[str, list[int]] = defaultdict(list)
+    for index, request in enumerate(requests):
+        try:
+            tenant = request.tenant_id or find_tenant(runtime, request.skill_id)
+        except EmbedderError as exc:
+            results[index] = exc
+            continue
+        by_tenant[tenant].append(index)
+
+    pending: list[_Pending] = []
+    for tenant, indexes in by_tenant.items():
+        pending += _load_and_decide(runtime, tenant, [(i, requests[i]) for i in indexes], results)
+
+    groups: dict[tuple[str, str, int], list[_Pending]] = defaultdict(list)
+    for item in pending:
+        groups[(item.config.ollama_url, item.config.model, item.config.dimensions)].append(item)
+    embedded: list[tuple[_Pending, list[float]]] = []
+    for (url, model, dimensions), items in groups.items():
+        client = runtime.ollama.for_url(url)
+        for item, vector_or_error in zip(
+            items, _embed_splitting(client, [i.text for i in items], model, dimensions), strict=True
+        ):
+            if isinstance(vector_or_error, EmbedderError):
+                results[item.index] = vector_or_error
+            else:
+                embedded.append((item, vector_or_error))
+
+    by_tenant_vectors: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
+    for item, vector in embedded:
+        by_tenant_vectors[item.tenant_id].append((item, vector))
+    for tenant, vectors in by_tenant_vectors.items():
+        for item, outcome in _write(runtime, tenant, vectors):
+            results[item.index] = Embedded(outcome, item.name)
+    assert all(result is not None for result in results)
+    return [result for result in results if result is not None]
+
+
+def _load_and_decide(
+    runtime: Runtime,
+    tenant: str,
+    indexed: list[tuple[int, EmbedRequest]],
+    results: list[Result | None],
+) -> list[_Pending]:
+    pending: list[_Pending] = []
+    with tenant_scope(runtime.sessions, tenant) as session:
+        config = tenant_config(runtime, session, tenant)
+        ids = [request.skill_id for _, request in indexed]
+        skills = {s.id: s for s in services.get_skills(session, ids)}
+        stored = {
+            row.skill_id: StoredEmbedding(row.input_hash, row.model_name, row.dimensions)
+            for row in session.execute(
+                select(
+                    SkillEmbedding.skill_id,
+                    SkillEmbedding.input_hash,
+                    SkillEmbedding.model_name,
+                    SkillEmbedding.dimensions,
+                ).where(SkillEmbedding.skill_id.in_(ids), SkillEmbedding.tenant_id == tenant)
+            )
+        }
+        column = runtime.column_dimensions
+        for index, request in indexed:
+            skill = skills.get(request.skill_id)
+            try:
+                if skill is not None and skill.tenant_id != tenant:
+                    raise TenantMismatch(
+                        f"skill {request.skill_id!r} belongs to tenant {skill.tenant_id!r},"
+                        f" not {tenant!r}: enqueue it with its own tenant id"
+                    )
+                if skill is None:
+                    raise SkillNotFound(
+                        f"no skill {request.skill_id!r} in tenant {tenant!r}: check the id"
+                    )
+                decision = decide(skill, stored.get(request.skill_id), config, force=request.force)
+                if decision.needs_embedding and column and config.dimensions != column:
+                    raise DimensionMismatch(
+                        f"tenant {tenant!r} asks for {config.dimensions}-dimension vectors but"
+                        f" skill_embeddings.embedding is vector({column}): fix"
+                        " site_settings.embedding_dimensions or EMBEDDING_DIMENSIONS"
+                    )
+            except PermanentError as exc:
+                results[index] = exc
+                continue
+            if decision.action is Outcome.REMOVED:
+                services.delete_skill_embedding(session, request.skill_id)
+            if decision.action is not None:
+                results[index] = Embedded(decision.action, decision.name)
+            else:
+                pending.append(
+                    _Pending(index, request, tenant, decision.name, decision.text, config)
+                )
+    return pending
+
+
+def _embed_splitting(
+    client: OllamaClient, texts: list[str], model: str, dimensions: int
+) -> list[list[float] | EmbedderError]:
+    """Embed texts in one call; when Ollama rejects the batch, halve it to isolate the bad input."""
+    try:
+        return list(client.embed(texts, model=model, dimensions=dimensions))
+    except (OllamaRejected, BadEmbedding) as exc:
+        if len(texts) == 1:
+            return [exc]
+        middle = len(texts) // 2
+        return _embed_splitting(client, texts[:middle], model, dimensions) + _embed_splitting(
+            client, texts[middle:], model, dimensions
+        )
+    except EmbedderError as exc:
+        # Server down, model missing: the same for every input of the batch.
+        return [exc] * len(texts)
+
+
+def _write(
+    runtime: Runtime, tenant: str, items: list[tuple[_Pending, list[float]]]
+) -> list[tuple[_Pending, Outcome]]:
+    """Upsert the vectors whose skill still has the text we embedded; the rest are superseded."""
+    outcomes: list[tuple[_Pending, Outcome]] = []
+    with tenant_scope(runtime.sessions, tenant) as session:
+        ids = sorted({item.request.skill_id for item, _ in items})
+        for skill_id in ids:  # sorted: two writers never wait on each other in a cycle
+            services.lock_skill(session, tenant, skill_id)
+        # Re-read under the locks: an edit that landed while Ollama worked wins over this vector.
+        current = {s.id: s for s in services.get_skills(session, ids)}
+        rows = []
+        for item, vector in items:
+            skill = current.get(item.request.skill_id)
+            if (
+                skill is None
+                or skill.status != PUBLISHED
+                or skill_text(skill.name, skill.description) != item.text
+            ):
+                outcomes.append((item, Outcome.SUPERSEDED))
+                continue
+            rows.append(
+                {
+                    "tenant_id": tenant,
+                    "skill_id": skill.id,
+                    "embedding": vector,
+                    "model_name": item.config.model,
+                    "dimensions": item.config.dimensions,
+                    "input_hash": input_hash(item.text),
+                }
+            )
+            outcomes.append((item, Outcome.EMBEDDED))
+        services.upsert_skill_embeddings(session, _dedupe(rows))
+    return outcomes
+
+
+def _dedupe(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    # One statement cannot upsert the same key twice; a batch may hold two jobs for one skill.
+    return list({row["skill_id"]: row for row in rows}.values())

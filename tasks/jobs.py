@@ -1,0 +1,83 @@
+"""The Celery tasks. Bodies stay short: load, decide, call, write live in their own modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+
+from tasks import runtime
+from tasks.backfill import ProgressLog, reconcile_catalog, start_backfill
+from tasks.embedding import EmbedRequest, Result, embed_skills
+from tasks.errors import EmbedderError, PermanentError
+from tasks.queues import BULK, EMBED_SKILL
+from tasks.retry import backoff_seconds, describe, should_retry
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(
+    name=EMBED_SKILL,
+    bind=True,
+    # Expected failures: Flower shows the reason; the log gets our one line, not a traceback.
+    throws=(PermanentError,),
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def embed_skill(
+    self: Task[Any, Any],
+    skill_id: str,
+    tenant_id: str | None = None,
+    run_id: str | None = None,
+    force: bool = False,
+) -> str:
+    """Bring one skill's embedding up to date; returns what happened (`embedded`, ...)."""
+    rt = runtime.current()
+    [result] = embed_skills(rt, [EmbedRequest(skill_id, tenant_id, force)])
+    return settle(self, result, skill_id, run_id)
+
+
+def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | None) -> str:
+    """Retry, fail or record one job's result, and log the line an operator reads."""
+    rt = runtime.current()
+    settings = rt.settings
+    retries = int(task.request.retries or 0)
+    if isinstance(result, EmbedderError):
+        if should_retry(result, retries, settings.embed_max_retries):
+            delay = backoff_seconds(
+                retries,
+                base=settings.embed_retry_backoff_seconds,
+                cap=settings.embed_retry_backoff_max_seconds,
+            )
+            logger.info("Retrying %s in %.1f s: %s", skill_id, delay, describe(result))
+            raise task.retry(exc=result, countdown=delay, max_retries=None)
+        ProgressLog(rt).failed(run_id, skill_id, describe(result), retries)
+        raise result
+    ProgressLog(rt).finished(run_id, skill_id, result.outcome.value, result.name)
+    return result.outcome.value
+
+
+@shared_task(name="tasks.backfill", bind=True, throws=(PermanentError,))
+def backfill(
+    self: Task[Any, Any], tenant_id: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Queue one `tasks.embed_skill` per published skill that needs one; returns the run at once."""
+    return start_backfill(runtime.current(), embed_skill, self.request.id, tenant_id, force)
+
+
+@shared_task(name="tasks.reconcile")
+def reconcile() -> dict[str, int]:
+    """Re-queue what is missing or stale and drop rows of unpublished skills (run by beat)."""
+    return reconcile_catalog(runtime.current(), embed_skill, bulk_waiting=_waiting(BULK))
+
+
+def _waiting(queue: str) -> int:
+    """Messages waiting in a queue (not those a worker holds)."""
+    with embed_skill.app.connection_for_read() as connection:
+        try:
+            channel: Any = connection.default_channel  # kombu's stubs lack queue_declare
+            return int(channel.queue_declare(queue, passive=True).message_count)
+        except connection.channel_errors:
+            return 0

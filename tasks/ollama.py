@@ -1,0 +1,215 @@
+"""A small Ollama client for `POST /api/embed`: one pooled httpx client per server, typed errors."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from tasks.errors import (
+    BadEmbedding,
+    DimensionMismatch,
+    ModelCannotEmbed,
+    ModelNotFound,
+    OllamaRejected,
+    OllamaUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def full_model_name(model: str) -> str:
+    """Ollama lists models with their tag: `nomic-embed-text` is `nomic-embed-text:latest`."""
+    return model if ":" in model else f"{model}:latest"
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:200]
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return str(body["error"])
+    return response.text.strip()[:200]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What `/api/show` says of a model."""
+
+    name: str
+    embedding_length: int | None
+    context_length: int | None
+    can_embed: bool
+
+
+class OllamaClient:
+    """Talks to one Ollama server; reuse it: it keeps one connection pool."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+            # One request at a time: Ollama serves embedding models with a single slot anyway.
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
+        try:
+            return self._http.post(path, json=payload)
+        except httpx.TimeoutException as exc:
+            raise OllamaUnavailable(
+                f"Ollama at {self.base_url} did not answer {path} in time ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise OllamaUnavailable(
+                f"cannot reach Ollama at {self.base_url} ({exc or type(exc).__name__}):"
+                " is it running? (check OLLAMA_URL or site_settings.ollama_url)"
+            ) from exc
+
+    def embed(self, texts: Sequence[str], *, model: str, dimensions: int) -> list[list[float]]:
+        """One vector per text, in order, each of `dimensions` finite floats."""
+        if not texts:
+            return []
+        payload = {"model": model, "input": list(texts)}
+        response = self._post("/api/embed", payload)
+        self._raise_for_status(response, model)
+        try:
+            body = response.json()
+        except ValueError:
+            raise BadEmbedding(
+                f"Ollama answered /api/embed with non-JSON: {response.text[:80]!r}"
+            ) from None
+        return validate_embeddings(body, expected=len(texts), dimensions=dimensions)
+
+    def _raise_for_status(self, response: httpx.Response, model: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        # Ollama's texts changed across versions: decide by status, then by substring.
+        error = _error_text(response)
+        if status == 404 and "not found" in error and "page" not in error:
+            raise ModelNotFound(
+                f"model {model!r} is not pulled on Ollama at {self.base_url}:"
+                f" run `ollama pull {model}` there"
+            )
+        if status == 501:
+            raise ModelCannotEmbed(
+                f"model {model!r} on {self.base_url} cannot produce embeddings ({error}):"
+                " set OLLAMA_MODEL to an embedding model such as nomic-embed-text"
+            )
+        if status in TRANSIENT_STATUSES:
+            raise OllamaUnavailable(f"Ollama at {self.base_url} answered {status}: {error}")
+        if status == 404:
+            raise OllamaRejected(
+                f"{self.base_url} has no /api/embed (404 {error}): is OLLAMA_URL an Ollama server"
+                " of version 0.3 or newer?"
+            )
+        raise OllamaRejected(f"Ollama at {self.base_url} refused the input ({status}: {error})")
+
+    def version(self) -> str:
+        try:
+            response = self._http.get("/api/version")
+        except httpx.HTTPError as exc:
+            raise OllamaUnavailable(
+                f"cannot reach Ollama at {self.base_url} ({exc or type(exc).__name__}):"
+                " start it (`ollama serve`) or set OLLAMA_URL"
+            ) from exc
+        if response.status_code != 200:
+            raise OllamaUnavailable(
+                f"{self.base_url}/api/version answered {response.status_code}: is it Ollama?"
+            )
+        return str(response.json().get("version", "unknown"))
+
+    def show(self, model: str) -> ModelInfo:
+        response = self._post("/api/show", {"model": model})
+        if response.status_code == 404:
+            raise ModelNotFound(
+                f"model {model!r} is not pulled on Ollama at {self.base_url}:"
+                f" run `ollama pull {model}` there"
+            )
+        self._raise_for_status(response, model)
+        body = response.json()
+        info = body.get("model_info") or {}
+        arch = info.get("general.architecture", "")
+        capabilities = body.get("capabilities")
+        return ModelInfo(
+            name=model,
+            embedding_length=_int_or_none(info.get(f"{arch}.embedding_length")),
+            context_length=_int_or_none(info.get(f"{arch}.context_length")),
+            # Servers older than capabilities reporting: assume it can, /api/embed will say.
+            can_embed=capabilities is None or "embedding" in capabilities,
+        )
+
+    def preflight(self, *, model: str, dimensions: int) -> ModelInfo:
+        """Up, model pulled, can embed, right size: else the error that says what to do."""
+        self.version()
+        info = self.show(model)
+        if not info.can_embed:
+            raise ModelCannotEmbed(
+                f"model {model!r} on {self.base_url} is not an embedding model:"
+                " set OLLAMA_MODEL to one such as nomic-embed-text"
+            )
+        if info.embedding_length is not None and info.embedding_length != dimensions:
+            raise DimensionMismatch(
+                f"model {model!r} makes {info.embedding_length}-dimension vectors but"
+                f" {dimensions} are configured: set EMBEDDING_DIMENSIONS (and the column) to"
+                f" {info.embedding_length}, or use a {dimensions}-dimension model"
+            )
+        return info
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def validate_embeddings(body: Any, *, expected: int, dimensions: int) -> list[list[float]]:
+    """The response's vectors, if there is one per input, each of the right size and finite."""
+    vectors = body.get("embeddings") if isinstance(body, dict) else None
+    if not isinstance(vectors, list):
+        raise BadEmbedding(f"Ollama's answer has no 'embeddings' list: {str(body)[:80]}")
+    if len(vectors) != expected:
+        raise BadEmbedding(f"Ollama returned {len(vectors)} vectors for {expected} inputs")
+    for index, vector in enumerate(vectors):
+        if not isinstance(vector, list) or len(vector) != dimensions:
+            size = len(vector) if isinstance(vector, list) else type(vector).__name__
+            raise BadEmbedding(
+                f"Ollama returned a vector of {size} dimensions where {dimensions} are"
+                f" configured (input {index}): check EMBEDDING_DIMENSIONS and the model"
+            )
+        if not all(isinstance(x, int | float) and math.isfinite(x) for x in vector):
+            raise BadEmbedding(f"Ollama returned a vector with NaN or Inf values (input {index})")
+    return [[float(x) for x in vector] for vector in vectors]
+
+
+class OllamaClients:
+    """One client per Ollama URL (tenants may point at different servers), created on demand."""
+
+    def __init__(self, *, timeout: float) -> None:
+        self.timeout = timeout
+        self._clients: dict[str, OllamaClient] = {}
+        self._lock = threading.Lock()
+
+    def for_url(self, url: str) -> OllamaClient:
+        with self._lock:
+            client = self._clients.get(url)
+            if client is None:
+                client = self._clients[url] = OllamaClient(url, timeout=self.timeout)
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()

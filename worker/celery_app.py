@@ -1,0 +1,89 @@
+"""The Celery app: `celery -A worker worker` is right by default (one job at a time, late acks)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from tasks import runtime
+from tasks.queues import BULK, INTERACTIVE
+from worker.settings import ConfigError, Settings, mask_url
+
+logger = logging.getLogger(__name__)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.load()
+    except ConfigError as exc:
+        # Celery would print a traceback for an import error; an operator needs one line.
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def create_app(settings: Settings) -> Celery:
+    """The app, configured from `settings`; tasks come from `tasks.jobs`."""
+    runtime.install(settings)
+    app = Celery(
+        "everyskill-embedder",
+        broker=settings.redis_url,
+        backend=settings.redis_url,
+        include=["tasks.jobs"],
+    )
+    transport_options: dict[str, Any] = {
+        # Longer than any job, including a retry's countdown that the worker holds unacked.
+        "visibility_timeout": settings.broker_visibility_timeout_seconds,
+        # Drain queues in name order: "embed" (the app's jobs) before "embed_bulk" (backfill).
+        "queue_order_strategy": "sorted",
+        "unacked_restore_interval": min(10, settings.broker_visibility_timeout_seconds),
+        "unacked_restore_throttle": 1,
+    }
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Ollama serves one embedding request at a time: more would only queue inside it.
+        worker_concurrency=1,
+        worker_prefetch_multiplier=1,
+        # Ack after the job: a worker killed mid-job leaves its message to be delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_time_limit=settings.task_time_limit_seconds,
+        task_queues=(Queue(INTERACTIVE), Queue(BULK)),
+        task_default_queue=INTERACTIVE,
+        broker_transport_options=transport_options,
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        result_expires=86400,
+        broker_connection_retry_on_startup=True,
+        # Flower needs events; "sent" events show jobs that wait in the queue, too.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        beat_schedule={
+            "reconcile": {
+                "task": "tasks.reconcile",
+                "schedule": settings.reconcile_interval_seconds,
+                "options": {"queue": INTERACTIVE, "expires": settings.reconcile_interval_seconds},
+            }
+        },
+    )
+    if settings.flower_basic_auth:
+        app.conf.flower_basic_auth = settings.flower_basic_auth.split(",")
+    logger.debug(
+        "broker %s, database %s", mask_url(settings.redis_url), settings.masked_database_url
+    )
+    return app
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    # A forked pool process must not reuse the parent's database or HTTP sockets.
+    runtime.current().reset()
+
+
+app = create_app(load_settings())
