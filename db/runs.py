@@ -25,6 +25,7 @@ SKIPPED = "skipped"  # removed, disabled, superseded, vanished: neither embedded
 class RunState:
     id: str
     tenant_id: str | None
+    force: bool
     total: int
     embedded: int
     unchanged: int
@@ -49,7 +50,7 @@ class RunState:
 
 
 RUN_COLUMNS = (
-    "id, tenant_id, total, embedded, unchanged, failed, skipped, fanned_out, started_at,"
+    "id, tenant_id, force, total, embedded, unchanged, failed, skipped, fanned_out, started_at,"
     " finished_at"
 )
 

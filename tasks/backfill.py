@@ -159,7 +159,7 @@ def start_backfill(
         len(tenants),
         queued,
     )
-    enqueue_pending(rt, task, run_id)
+    enqueue_pending(rt, task, run_id, force=force)
     with unscoped(rt.sessions) as session:
         finished = runs.mark_fanned_out(session, run_id)
     if finished is not None:
@@ -167,15 +167,13 @@ def start_backfill(
     return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": queued}
 
 
-def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str) -> int:
+def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str, *, force: bool) -> int:
     """Queue a bulk job for each of the run's items without an outcome, streaming from SQL."""
     count = 0
     with unscoped(rt.sessions) as session:
         for skill_id, tenant in runs.iter_pending_items(session, run_id):
-            task.apply_async(
-                kwargs={"skill_id": skill_id, "tenant_id": tenant, "run_id": run_id},
-                queue=BULK,
-            )
+            kwargs = {"skill_id": skill_id, "tenant_id": tenant, "run_id": run_id}
+            task.apply_async(kwargs={**kwargs, "force": True} if force else kwargs, queue=BULK)
             count += 1
     return count
 
@@ -199,7 +197,7 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
     with unscoped(rt.sessions) as session:
         unfinished = runs.unfinished_runs(session)
     for run in unfinished:
-        requeued += enqueue_pending(rt, task, run.id)
+        requeued += enqueue_pending(rt, task, run.id, force=run.force)
     queued = 0
     for tenant in _enabled_tenants(rt, None):
         with tenant_scope(rt.sessions, tenant) as session:

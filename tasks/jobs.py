@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
     name=EMBED_SKILL,
     bind=True,
     # Expected failures: Flower shows the reason; the log gets our one line, not a traceback.
-    throws=(PermanentError,),
+    throws=(EmbedderError,),
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
@@ -52,7 +52,7 @@ def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | No
                 cap=settings.embed_retry_backoff_max_seconds,
             )
             logger.info("Retrying %s in %.1f s: %s", skill_id, delay, describe(result))
-            raise task.retry(exc=result, countdown=delay, max_retries=None)
+            raise task.retry(exc=result, countdown=delay, max_retries=settings.embed_max_retries)
         ProgressLog(rt).failed(run_id, skill_id, describe(result), retries)
         raise result
     ProgressLog(rt).finished(run_id, skill_id, result.outcome.value, result.name)

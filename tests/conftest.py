@@ -1,4 +1,4 @@
-"""Throwaway servers (PostgreSQL with pgvector, Redis, fake Ollama, workers); fresh state per test."""
+"""Throwaway servers (PostgreSQL + pgvector, Redis, fake Ollama, workers); fresh state per test."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def ollama(ollama_server: FakeOllama) -> Iterator[FakeOllama]:
     ollama_server.embedding_capable = True
     if ollama_server.port and not _listening(ollama_server.port):
         ollama_server.up()
-    yield ollama_server
+    return ollama_server
 
 
 def _listening(port: int) -> bool:

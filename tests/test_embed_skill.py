@@ -127,7 +127,8 @@ def test_an_unknown_id_fails_clearly_and_the_worker_lives_on(
     log = worker.log()
     assert "no skill 'no-such-skill' in tenant" in log
     assert "Traceback" not in log
-    assert worker.process is not None and worker.process.poll() is None
+    assert worker.process is not None
+    assert worker.process.poll() is None
 
 
 def test_a_disabled_tenant_gets_no_embeddings(

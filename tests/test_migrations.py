@@ -38,7 +38,8 @@ SELECT 'policy', tablename || '.' || policyname,
        format('%s %s %s using=%s check=%s', permissive, roles, cmd, qual, with_check)
 FROM pg_policies WHERE tablename = ANY(:tables)
 UNION ALL
-SELECT 'grant', table_name || '.' || grantee, string_agg(privilege_type, ',' ORDER BY privilege_type)
+SELECT 'grant', table_name || '.' || grantee,
+       string_agg(privilege_type, ',' ORDER BY privilege_type)
 FROM information_schema.role_table_grants WHERE table_name = ANY(:tables)
 GROUP BY table_name, grantee
 ORDER BY 1, 2, 3
@@ -68,7 +69,8 @@ def test_migrate_on_an_empty_database_creates_the_app_schema(empty_db: Database)
     assert ("skills.status", "text") in columns
     indexes = " ".join(str(row[2]) for row in catalog(empty_db) if row[0] == "index")
     assert "USING hnsw (embedding vector_cosine_ops)" in indexes
-    assert "UNIQUE" in indexes and "(tenant_id, skill_id)" in indexes
+    assert "UNIQUE" in indexes
+    assert "(tenant_id, skill_id)" in indexes
     policies = {row[1] for row in catalog(empty_db) if row[0] == "policy"}
     assert policies == {
         "skills.tenant_isolation",

@@ -147,9 +147,11 @@ def test_a_tenant_scope_neither_sees_nor_writes_another_tenants_rows(
         assert services.get_skill_embedding(session, skill_b) is None
         assert services.get_site_settings(session, TENANT_B) is None
         assert not services.delete_skill_embedding(session, skill_b)
-    with pytest.raises(ProgrammingError, match="row-level security"):
-        with tenant_scope(sessions, TENANT_A) as session:
-            services.upsert_skill_embedding(session, **embedding_for(TENANT_B, skill_b, "forged"))
+    with (
+        pytest.raises(ProgrammingError, match="row-level security"),
+        tenant_scope(sessions, TENANT_A) as session,
+    ):
+        services.upsert_skill_embedding(session, **embedding_for(TENANT_B, skill_b, "forged"))
 
     assert db.scalar("SELECT input_hash FROM skill_embeddings WHERE skill_id = :s", s=skill_b) == (
         input_hash("x")

@@ -28,16 +28,54 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tasks import runtime
+    from worker.operations import print_status
+
+    print_status(runtime.install(settings), Console())
+    return 0
+
+
+def _backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tasks import runtime
+    from worker.celery_app import create_app
+    from worker.operations import BackfillFailed, follow_run
+
+    app = create_app(settings)
+    result = app.send_task("tasks.backfill", kwargs={"tenant_id": args.tenant, "force": args.force})
+    print(f"Backfill {result.id} queued")
+    if not args.wait:
+        return 0
+    console = Console()
+    try:
+        state = follow_run(runtime.current(), app, result.id, console, timeout=args.timeout)
+    except BackfillFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(state.summary)
+    return 0 if state.failed == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m worker", description="everyskill-embedder: operate the embedding worker."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("migrate", help="create the worker's tables (and the app's, where missing)")
+    commands.add_parser("status", help="per tenant: published, embedded, stale, missing; the run")
+    backfill = commands.add_parser("backfill", help="queue tasks.backfill (like `celery call`)")
+    backfill.add_argument("--tenant", help="only this tenant (default: every active tenant)")
+    backfill.add_argument("--force", action="store_true", help="re-embed even current skills")
+    backfill.add_argument("--wait", action="store_true", help="show progress until the summary")
+    backfill.add_argument("--timeout", type=float, default=None, help="give up waiting after N s")
     return parser
 
 
-HANDLERS = {"migrate": _migrate}
+HANDLERS = {"migrate": _migrate, "status": _status, "backfill": _backfill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,114 @@
+"""What `python -m worker status` and `backfill --wait` show: coverage and run progress."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from celery import Celery
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from db import runs, services
+from db.session import tenant_scope, unscoped
+from tasks.embedding import tenant_config
+from tasks.runtime import Runtime
+
+
+@dataclass(frozen=True, slots=True)
+class TenantCoverage:
+    coverage: services.Coverage
+    enabled: bool
+    model: str
+
+
+def coverage_report(rt: Runtime) -> list[TenantCoverage]:
+    with unscoped(rt.sessions) as session:
+        tenants = services.list_active_tenants(session)
+    report = []
+    for tenant in tenants:
+        with tenant_scope(rt.sessions, tenant) as session:
+            config = tenant_config(rt, session, tenant)
+            dimensions = config.dimensions or rt.settings.embedding_dimensions
+            cover = services.coverage(session, tenant, model=config.model, dimensions=dimensions)
+        report.append(TenantCoverage(cover, config.enabled, config.model))
+    return report
+
+
+def coverage_table(report: list[TenantCoverage]) -> Table:
+    table = Table(title="Embedding coverage", title_justify="left")
+    for column in ("tenant", "semantic search", "model", "published", "embedded", "stale"):
+        table.add_column(column, justify="left" if column in {"tenant", "model"} else "right")
+    table.add_column("missing", justify="right")
+    for row in report:
+        c = row.coverage
+        table.add_row(
+            c.tenant_id,
+            "on" if row.enabled else "off",
+            row.model,
+            str(c.published),
+            str(c.embedded),
+            str(c.stale),
+            str(c.missing),
+        )
+    return table
+
+
+def describe_run(state: runs.RunState | None) -> str:
+    if state is None:
+        return "No backfill has run yet."
+    if state.finished_at is not None:
+        return f"Last backfill {state.id} finished {state.finished_at:%Y-%m-%d %H:%M:%S}: " + (
+            state.summary
+        )
+    return (
+        f"Backfill {state.id} running since {state.started_at:%Y-%m-%d %H:%M:%S}:"
+        f" {state.done}/{state.total} done ({state.embedded} embedded, {state.unchanged}"
+        f" unchanged, {state.failed} failed)"
+    )
+
+
+def print_status(rt: Runtime, console: Console) -> None:
+    console.print(coverage_table(coverage_report(rt)))
+    with unscoped(rt.sessions) as session:
+        console.print(describe_run(runs.latest_run(session)))
+
+
+class BackfillFailed(Exception):
+    """The backfill task itself failed (e.g. its preflight refused); the message says why."""
+
+
+def follow_run(
+    rt: Runtime, app: Celery, run_id: str, console: Console, *, timeout: float | None = None
+) -> runs.RunState:
+    """Show a live progress bar until the run's summary; raise BackfillFailed if it is refused."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    result = app.AsyncResult(run_id)
+    with Progress(
+        TextColumn("[bold]Backfill"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("backfill", total=None, detail="waiting for a worker")
+        while True:
+            with unscoped(rt.sessions) as session:
+                state = runs.get_run(session, run_id)
+            if state is None and result.state == "FAILURE":
+                raise BackfillFailed(str(result.result))
+            if state is not None:
+                progress.update(
+                    bar,
+                    total=state.total if state.fanned_out else None,
+                    completed=state.done,
+                    detail=f"{state.failed} failed" if state.failed else "",
+                )
+                if state.finished_at is not None:
+                    return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"backfill {run_id} did not finish in {timeout:.0f} s")
+            time.sleep(0.2)
