@@ -6,8 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from worker.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -28,19 +32,22 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(settings: Settings, args: argparse.Namespace) -> int:
+def _console() -> Console:
     from rich.console import Console
 
+    # In a log (not a terminal) keep table rows whole instead of cutting them to 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
     from tasks import runtime
     from worker.operations import print_status
 
-    print_status(runtime.install(settings), Console())
+    print_status(runtime.install(settings), _console())
     return 0
 
 
 def _backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from tasks import runtime
     from worker.celery_app import create_app
     from worker.operations import BackfillFailed, follow_run
@@ -50,7 +57,7 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
     print(f"Backfill {result.id} queued")
     if not args.wait:
         return 0
-    console = Console()
+    console = _console()
     try:
         state = follow_run(runtime.current(), app, result.id, console, timeout=args.timeout)
     except BackfillFailed as exc:
