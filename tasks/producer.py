@@ -38,6 +38,8 @@ def _producer(broker_url: str) -> Celery:
                     "max_retries": 0,
                 },
                 task_create_missing_queues=True,
+                # Flower shows a job as soon as it waits in the queue, not only once taken.
+                task_send_sent_event=True,
             )
             _apps[broker_url] = app
         return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -73,7 +74,9 @@ def create_app(settings: Settings) -> Celery:
         },
     )
     if settings.flower_basic_auth:
-        app.conf.flower_basic_auth = settings.flower_basic_auth.split(",")
+        # Flower reads FLOWER_BASIC_AUTH from its own environment only, never app.conf; this
+        # carries a value that came from .env over to it (it loads the app before reading).
+        os.environ.setdefault("FLOWER_BASIC_AUTH", settings.flower_basic_auth)
     logger.debug(
         "broker %s, database %s", mask_url(settings.redis_url), settings.masked_database_url
     )
