@@ -13,8 +13,10 @@ import { fileURLToPath } from "node:url";
 
 import { createClient } from "celery-node";
 
+/** @typedef {import("celery-node/dist/kombu/brokers/redis.js").default} RedisBroker */
+
 export const EMBED_SKILL = "tasks.embed_skill"; // tasks/queues.py EMBED_SKILL
-export const QUEUE = "embed_bulk"; // tasks/queues.py INTERACTIVE; "embed_bulk" is for backfills
+export const QUEUE = "embed"; // tasks/queues.py INTERACTIVE; "embed_bulk" is for backfills
 
 /**
  * Queue an embedding refresh for a published or edited skill.
@@ -30,9 +32,11 @@ export async function enqueueEmbedSkill(skillId, tenantId = null, options = {}) 
     timeoutMs = 500,
     logger = console,
   } = options;
-  let broker;
+  /** @type {RedisBroker | undefined} */
+  let broker; // closed in `finally`
   let timer;
   try {
+    if (!/^rediss?:\/\//.test(redisUrl)) throw new Error("REDIS_URL is not a redis:// URL");
     // The third argument is the queue: celery-node uses it as the routing key, i.e. the Redis
     // list the message is pushed onto. The result backend is never used (fire-and-forget).
     const client = createClient(redisUrl, redisUrl, QUEUE);
@@ -44,13 +48,10 @@ export async function enqueueEmbedSkill(skillId, tenantId = null, options = {}) 
       maxRetriesPerRequest: 0,
       retryStrategy: () => null,
     };
-    broker = client.broker;
+    const redisBroker = /** @type {RedisBroker} */ (client.broker); // it is, for redis:// URLs
+    broker = redisBroker;
     // Failures reach us through the promises below; without a listener ioredis prints a stack.
-    broker.redis.on("error", () => {});
-
-    const deadline = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
-    });
+    redisBroker.redis.on("error", () => {});
     const taskId = randomUUID();
     const args = [skillId];
     const kwargs = { tenant_id: tenantId ?? null };
@@ -62,8 +63,8 @@ export async function enqueueEmbedSkill(skillId, tenantId = null, options = {}) 
       args,
       kwargs,
     );
-    const publish = broker.isReady().then(() =>
-      broker.publish(
+    const publish = redisBroker.isReady().then(() =>
+      redisBroker.publish(
         body,
         "",
         client.conf.CELERY_QUEUE,
@@ -78,6 +79,9 @@ export async function enqueueEmbedSkill(skillId, tenantId = null, options = {}) 
         properties,
       ),
     );
+    const deadline = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+    });
     await Promise.race([publish, deadline]);
     return true;
   } catch (error) {
@@ -91,13 +95,16 @@ export async function enqueueEmbedSkill(skillId, tenantId = null, options = {}) 
   }
 }
 
+/** @param {unknown} error */
 function describe(error) {
   if (error instanceof AggregateError && error.errors.length > 0) {
     return describe(error.errors[0]); // e.g. "localhost" resolving to both ::1 and 127.0.0.1
   }
-  return error instanceof Error ? error.message || error.code || error.name : String(error);
+  if (!(error instanceof Error)) return String(error);
+  return error.message || /** @type {{code?: string}} */ (error).code || error.name;
 }
 
+/** @param {string[]} argv */
 async function main(argv) {
   const [skillId, tenantId] = argv;
   if (!skillId || argv.length > 2) {
