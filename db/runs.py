@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -139,28 +139,109 @@ def record_outcome(
     A redelivered or duplicated job finds the outcome set and changes nothing: the run's counts
     and its one summary line stay right whatever was retried, killed or enqueued twice.
     """
-    column = COUNTER.get(outcome, SKIPPED)
-    updated = _rowcount(
-        session.execute(
-            text(
-                "UPDATE embedding_run_items SET outcome = :outcome, detail = :detail,"
-                " finished_at = now() WHERE run_id = :run AND skill_id = :skill AND outcome IS NULL"
-            ),
-            {"outcome": outcome, "detail": detail, "run": run_id, "skill": skill_id},
-        )
-    )
-    if not updated:
+    recorded = record_outcomes(session, run_id, [(skill_id, outcome, detail)])
+    if not recorded.skill_ids:
         return None
+    return recorded.state, recorded.finished
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    state: RunState
+    finished: bool
+    skill_ids: list[str]  # those whose outcome this call set, in the order given
+
+
+def record_outcomes(
+    session: Session, run_id: str, outcomes: Sequence[tuple[str, str, str | None]]
+) -> Recorded:
+    """Set many items' outcomes (skill_id, outcome, detail) in two statements; each counts once."""
+    rows = session.execute(
+        text(
+            """
+            UPDATE embedding_run_items i SET outcome = v.outcome, detail = v.detail,
+                   finished_at = now()
+            FROM (SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]),
+                                       CAST(:details AS text[])) AS t(skill_id, outcome, detail)) v
+            WHERE i.run_id = :run AND i.skill_id = v.skill_id AND i.outcome IS NULL
+            RETURNING i.skill_id, i.outcome
+            """
+        ),
+        {
+            "run": run_id,
+            "ids": [o[0] for o in outcomes],
+            "outcomes": [o[1] for o in outcomes],
+            "details": [o[2] for o in outcomes],
+        },
+    ).all()
+    set_now = {str(row.skill_id) for row in rows}
+    counts = dict.fromkeys((*COUNTER.values(), SKIPPED), 0)
+    for row in rows:
+        counts[COUNTER.get(str(row.outcome), SKIPPED)] += 1
     # The row lock taken here serialises concurrent recorders, so the completion check is exact.
     row = session.execute(
         text(
-            f"UPDATE embedding_runs SET {column} = {column} + 1 WHERE id = :id"
-            f" RETURNING {RUN_COLUMNS}"
+            "UPDATE embedding_runs SET embedded = embedded + :embedded,"
+            " unchanged = unchanged + :unchanged, failed = failed + :failed,"
+            f" skipped = skipped + :skipped WHERE id = :id RETURNING {RUN_COLUMNS}"
         ),
-        {"id": run_id},
+        {"id": run_id, **counts},
     ).one()
-    finished = _finish_if_complete(session, run_id)
-    return (finished or _state(row)), finished is not None
+    finished = _finish_if_complete(session, run_id) if set_now else None
+    return Recorded(
+        state=finished or _state(row),
+        finished=finished is not None,
+        skill_ids=[o[0] for o in outcomes if o[0] in set_now],
+    )
+
+
+# A claim older than this is presumed abandoned (its worker died mid-batch).
+CLAIM_TTL = "5 minutes"
+
+
+def claim_items(session: Session, run_id: str, skill_id: str, limit: int) -> list[tuple[str, str]]:
+    """Claim `skill_id` and up to `limit` other unclaimed pending items of the run.
+
+    SKIP LOCKED lets workers on several hosts claim side by side without waiting or overlap.
+    Returns (skill_id, tenant_id) of the others.
+    """
+    rows = session.execute(
+        text(
+            f"""
+            UPDATE embedding_run_items SET claimed_at = now()
+            WHERE run_id = :run AND skill_id IN (
+                SELECT skill_id FROM embedding_run_items
+                WHERE run_id = :run AND outcome IS NULL AND skill_id <> :skill
+                  AND (claimed_at IS NULL OR claimed_at < now() - interval '{CLAIM_TTL}')
+                ORDER BY tenant_id, position LIMIT :limit
+                FOR UPDATE SKIP LOCKED)
+               OR (run_id = :run AND skill_id = :skill)
+            RETURNING skill_id, tenant_id
+            """
+        ),
+        {"run": run_id, "skill": skill_id, "limit": limit},
+    ).all()
+    return [(str(r.skill_id), str(r.tenant_id)) for r in rows if r.skill_id != skill_id]
+
+
+def release_claims(session: Session, run_id: str, skill_ids: Sequence[str]) -> None:
+    """Give items back to their own jobs (a neighbour's failure is not ours to retry)."""
+    session.execute(
+        text(
+            "UPDATE embedding_run_items SET claimed_at = NULL"
+            " WHERE run_id = :run AND skill_id = ANY(CAST(:ids AS text[])) AND outcome IS NULL"
+        ),
+        {"run": run_id, "ids": list(skill_ids)},
+    )
+
+
+def item_outcome(session: Session, run_id: str, skill_id: str) -> str | None:
+    """The outcome already recorded for the item (by a batch that took it), if any."""
+    value = session.execute(
+        text("SELECT outcome FROM embedding_run_items WHERE run_id = :run AND skill_id = :skill"),
+        {"run": run_id, "skill": skill_id},
+    ).scalar()
+    return None if value is None else str(value)
 
 
 def _finish_if_complete(session: Session, run_id: str) -> RunState | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Task
@@ -28,29 +29,42 @@ Enqueuer = Task[..., Any]
 
 
 class ProgressLog:
-    """Records a job's outcome in its run and writes the lines an operator follows."""
+    """Records jobs' outcomes in their run and writes the lines an operator follows."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
     def finished(self, run_id: str | None, skill_id: str, outcome: str, name: str) -> None:
-        label = outcome.capitalize()
         if run_id is None:
-            logger.info("%s: %s", label, name)
+            logger.info("%s: %s", outcome.capitalize(), name)
             return
-        recorded = self._record(run_id, skill_id, outcome)
-        if recorded is not None:
-            state, closed = recorded
-            logger.info("[%d/%d] %s: %s", state.done, state.total, label, name)
-            if closed:
-                logger.info(state.summary)
+        self.finished_many(run_id, [(skill_id, outcome, name)])
+
+    def finished_many(self, run_id: str, items: Sequence[tuple[str, str, str]]) -> None:
+        """(skill_id, outcome, name) of jobs done together: one write, one line each."""
+        if not items:
+            return
+        names = {skill_id: (outcome, name) for skill_id, outcome, name in items}
+        with unscoped(self.rt.sessions) as session:
+            recorded = runs.record_outcomes(
+                session, run_id, [(skill_id, outcome, None) for skill_id, outcome, _ in items]
+            )
+        first = recorded.state.done - len(recorded.skill_ids)
+        for offset, skill_id in enumerate(recorded.skill_ids, start=1):
+            outcome, name = names[skill_id]
+            logger.info(
+                "[%d/%d] %s: %s", first + offset, recorded.state.total, outcome.capitalize(), name
+            )
+        if recorded.finished:
+            logger.info(recorded.state.summary)
 
     def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
         tries = f" after {retries + 1} attempts" if retries else ""
         if run_id is None:
             logger.warning("Failed%s: %s: %s", tries, skill_id, reason)
             return
-        recorded = self._record(run_id, skill_id, "failed", reason)
+        with unscoped(self.rt.sessions) as session:
+            recorded = runs.record_outcome(session, run_id, skill_id, "failed", reason)
         if recorded is not None:
             state, closed = recorded
             logger.warning(
@@ -58,12 +72,6 @@ class ProgressLog:
             )
             if closed:
                 logger.info(state.summary)
-
-    def _record(
-        self, run_id: str, skill_id: str, outcome: str, detail: str | None = None
-    ) -> tuple[runs.RunState, bool] | None:
-        with unscoped(self.rt.sessions) as session:
-            return runs.record_outcome(session, run_id, skill_id, outcome, detail)
 
 
 def _enabled_tenants(rt: Runtime, only: str | None) -> list[str]:

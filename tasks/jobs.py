@@ -9,6 +9,7 @@ from celery import Task, shared_task
 
 from tasks import runtime
 from tasks.backfill import ProgressLog, reconcile_catalog, start_backfill
+from tasks.batching import embed_with_neighbours, outcome_already_recorded
 from tasks.embedding import EmbedRequest, Result, embed_skills
 from tasks.errors import EmbedderError, PermanentError
 from tasks.queues import BULK, EMBED_SKILL
@@ -35,7 +36,15 @@ def embed_skill(
 ) -> str:
     """Bring one skill's embedding up to date; returns what happened (`embedded`, ...)."""
     rt = runtime.current()
-    [result] = embed_skills(rt, [EmbedRequest(skill_id, tenant_id, force)])
+    request = EmbedRequest(skill_id, tenant_id, force)
+    if run_id is None:
+        [result] = embed_skills(rt, [request])
+        return settle(self, result, skill_id, run_id)
+    done = outcome_already_recorded(rt, run_id, skill_id)
+    if done is not None:
+        return done  # a batch led by an earlier job of the run embedded this skill
+    result, batch = embed_with_neighbours(rt, run_id, request)
+    ProgressLog(rt).finished_many(run_id, batch)
     return settle(self, result, skill_id, run_id)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -292,16 +293,14 @@ def test_ollama_down_for_a_while_is_outlasted_by_retries(
         "EMBED_RETRY_BACKOFF_MAX_SECONDS": "1",
     }
     db.add_tenant(TENANT_A)
-    skills = published_catalog(db, 30)
-    ollama.request_latency = 0.03
+    skills = published_catalog(db, 200)
+    ollama.input_latency = 0.01  # a batch of 32 takes a third of a second
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         call_backfill(env)
-        wait_until(lambda: len(embedded_ids(db)) >= 5, what="some rows")
+        wait_until(lambda: embedded_ids(db), what="the first batch")
         ollama.down()
         wait_until(lambda: "Retrying" in worker.log(), what="a retry")
-        import time
-
         time.sleep(3)
         ollama.up()
         wait_until(lambda: summaries(worker.log()), timeout=60, what="the summary")
@@ -309,7 +308,7 @@ def test_ollama_down_for_a_while_is_outlasted_by_retries(
         worker.stop()
 
     assert embedded_ids(db) == set(skills)
-    assert summaries(worker.log()) == [(30, 30, 0)]
+    assert summaries(worker.log()) == [(200, 200, 0)]
 
 
 def test_reconcile_removes_rows_of_unpublished_skills_and_queues_missing_ones(

@@ -1,0 +1,87 @@
+"""Backfills embed waiting jobs together; the app's jobs never wait for a batch."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.fake_ollama import FakeOllama
+from tasks import enqueue_embed_skill
+from tests.databases import TENANT_A, Database
+from tests.processes import Process, start_worker
+from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
+from tests.waiting import wait_until
+
+
+@pytest.fixture
+def batch_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
+    process = start_worker({**embedder_env, "EMBED_BATCH_SIZE": "8"}, tmp_path / "worker.log")
+    yield process
+    process.stop()
+
+
+def test_a_backfill_sends_its_skills_in_batches(
+    db: Database, batch_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 40)
+
+    call_backfill(embedder_env)
+
+    wait_until(lambda: summaries(batch_worker.log()), what="the summary")
+    assert summaries(batch_worker.log()) == [(40, 40, 0)]
+    assert embedded_ids(db) == set(skills)
+    assert ollama.inputs == 40
+    assert max(ollama.batch_sizes) == 8
+    assert ollama.requests <= math.ceil(40 / 8) + 1
+    # Each skill still has its own job, which succeeds on its own, and its own progress line.
+    wait_until(
+        lambda: len(re.findall(r"tasks\.embed_skill\[\S+\] succeeded", batch_worker.log())) == 40,
+        what="every skill's own job to succeed",
+    )
+    assert len(re.findall(r"\[\d+/40\] Embedded: ", batch_worker.log())) == 40
+
+
+def test_a_rejected_batch_is_split_so_only_the_bad_input_fails(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 4)
+    worker = start_worker({**embedder_env, "EMBED_BATCH_SIZE": "4"}, tmp_path / "worker.log")
+    try:
+        # The batch of 4, then its first half, then its first skill: Ollama refuses each.
+        ollama.fail_next(3, 400, "the input length exceeds the context length")
+        call_backfill(embedder_env)
+        wait_until(lambda: summaries(worker.log()), what="the summary")
+    finally:
+        worker.stop()
+
+    assert summaries(worker.log()) == [(3, 4, 1)]
+    # Jobs are queued in id order: the first one leads the batch and is the one refused.
+    assert embedded_ids(db) == set(sorted(skills)[1:])
+    assert ollama.batch_sizes == [1, 2]  # the successful calls: skill 2, then skills 3 and 4
+    assert "refused the input (400: the input length exceeds" in worker.log()
+    assert "Retrying" not in worker.log()
+
+
+def test_a_publish_during_a_long_backfill_is_embedded_before_it_ends(
+    db: Database, batch_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
+) -> None:
+    db.add_tenant(TENANT_A)
+    published_catalog(db, 400)
+    ollama.input_latency = 0.004
+    call_backfill(embedder_env)
+    wait_until(lambda: embedded_ids(db), what="the backfill to start")
+
+    urgent = db.add_skill(TENANT_A, "Urgent new skill", "Published while the backfill runs")
+    assert enqueue_embed_skill(urgent, TENANT_A, broker_url=embedder_env["REDIS_URL"])
+
+    wait_until(lambda: urgent in embedded_ids(db), what="the publish's row")
+    assert not summaries(batch_worker.log()), "the publish waited for the whole backfill"
+    assert len(embedded_ids(db)) < 300
+    wait_until(lambda: summaries(batch_worker.log()), timeout=60, what="the summary")
+    assert summaries(batch_worker.log()) == [(400, 400, 0)]
