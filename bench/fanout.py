@@ -14,13 +14,17 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from array import array
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -116,7 +120,8 @@ class Sampler(threading.Thread):
         self.first_publish: float | None = None
         self.first_publish_rss = 0
         self.last_publish = 0.0
-        self.samples: list[tuple[float, int, int]] = []  # (monotonic, rss, published)
+        # Flat arrays (8 bytes a value), so the samples themselves barely move the RSS.
+        self.times, self.rsses, self.counts = array("d"), array("q"), array("q")
 
     def rss(self) -> int:
         return int(self._process.memory_info().rss)
@@ -129,15 +134,25 @@ class Sampler(threading.Thread):
         self.last_publish = now
         self.published += 1
 
+    def sample(self) -> None:
+        self.times.append(time.monotonic())
+        self.rsses.append(self.rss())
+        self.counts.append(self.published)
+
+    @property
+    def samples(self) -> Iterator[tuple[float, int, int]]:
+        """(monotonic, rss, published) of every sample."""
+        return zip(self.times, self.rsses, self.counts, strict=True)
+
     def run(self) -> None:
         while not self._halt.is_set():
-            self.samples.append((time.monotonic(), self.rss(), self.published))
+            self.sample()
             self._halt.wait(SAMPLE_SECONDS)
 
     def stop(self) -> None:
         self._halt.set()
         self.join()
-        self.samples.append((time.monotonic(), self.rss(), self.published))
+        self.sample()
 
 
 class StatementTimer:
@@ -188,7 +203,7 @@ def run_child(out: Path) -> None:
         inside = [rss for _, rss, n in sampler.samples if low < n <= high]
         deciles.append(round(max(inside) / MB, 1) if inside else 0.0)
     publishing = [rss for t, rss, _ in sampler.samples if first <= t <= last]
-    peak = max(rss for _, rss, _ in sampler.samples)
+    peak = max(sampler.rsses)
     publish_s = max(last - first, 1e-9)
     result = ChildResult(
         skills=int(summary["total"]),
@@ -197,7 +212,7 @@ def run_child(out: Path) -> None:
         baseline_rss_mb=round(baseline / MB, 1),
         first_publish_rss_mb=round(sampler.first_publish_rss / MB, 1),
         peak_rss_mb=round(peak / MB, 1),
-        end_rss_mb=round(sampler.samples[-1][1] / MB, 1),
+        end_rss_mb=round(sampler.rsses[-1] / MB, 1),
         publish_growth_mb=round(
             (max(publishing, default=sampler.first_publish_rss) - sampler.first_publish_rss) / MB,
             1,
@@ -209,7 +224,7 @@ def run_child(out: Path) -> None:
         total_s=round(ended - started, 3),
         messages_per_s=round(sampler.published / publish_s, 1),
         rss_by_decile_mb=deciles,
-        samples=len(sampler.samples),
+        samples=len(sampler.rsses),
     )
     out.write_text(json.dumps(asdict(result)))
 
@@ -393,6 +408,10 @@ def write_results(results: list[SizeResult]) -> Path:
     return RESULTS
 
 
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__)
     parser.add_argument(
@@ -413,7 +432,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.tenants < 1 or any(size < 1 for size in args.sizes):
         parser.error("--skills and --tenants must be at least 1")
-    results = run_parent(args.sizes, args.tenants)
+    # SIGTERM (and SIGINT, even where a shell ignores it) unwinds, so the servers come down.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
+    try:
+        results = run_parent(args.sizes, args.tenants)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}); servers stopped, nothing written", file=sys.stderr)
+        raise SystemExit(130) from None
     print_table(results)
     for result in results:
         if result.redis_llen != result.child.queued:
