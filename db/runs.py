@@ -199,29 +199,33 @@ def record_outcomes(
 CLAIM_TTL = "5 minutes"
 
 
-def claim_items(session: Session, run_id: str, skill_id: str, limit: int) -> list[tuple[str, str]]:
-    """Claim `skill_id` and up to `limit` other unclaimed pending items of the run.
+def claim_items(
+    session: Session, run_id: str, limit: int, *, including: str | None = None
+) -> list[tuple[str, str]]:
+    """Claim up to `limit` pending items of the run, `including` this one whatever its claim.
 
     SKIP LOCKED lets workers on several hosts claim side by side without waiting or overlap.
-    Returns (skill_id, tenant_id) of the others.
+    Returns (skill_id, tenant_id), `including` first, then in queue order.
     """
     rows = session.execute(
         text(
             f"""
             UPDATE embedding_run_items SET claimed_at = now()
-            WHERE run_id = :run AND skill_id IN (
+            WHERE run_id = :run AND (skill_id IN (
                 SELECT skill_id FROM embedding_run_items
-                WHERE run_id = :run AND outcome IS NULL AND skill_id <> :skill
+                WHERE run_id = :run AND outcome IS NULL
+                  AND skill_id IS DISTINCT FROM CAST(:skill AS text)
                   AND (claimed_at IS NULL OR claimed_at < now() - interval '{CLAIM_TTL}')
                 ORDER BY tenant_id, position LIMIT :limit
                 FOR UPDATE SKIP LOCKED)
-               OR (run_id = :run AND skill_id = :skill)
-            RETURNING skill_id, tenant_id
+               OR skill_id = CAST(:skill AS text))
+            RETURNING skill_id, tenant_id, position
             """
         ),
-        {"run": run_id, "skill": skill_id, "limit": limit},
+        {"run": run_id, "skill": including, "limit": limit - (including is not None)},
     ).all()
-    return [(str(r.skill_id), str(r.tenant_id)) for r in rows if r.skill_id != skill_id]
+    ordered = sorted(rows, key=lambda r: (r.skill_id != including, r.tenant_id, r.position))
+    return [(str(r.skill_id), str(r.tenant_id)) for r in ordered]
 
 
 def release_claims(session: Session, run_id: str, skill_ids: Sequence[str]) -> None:

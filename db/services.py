@@ -48,13 +48,19 @@ def get_skills(session: Session, skill_ids: Sequence[str]) -> list[SkillRecord]:
     return [SkillRecord(*row) for row in rows]
 
 
-def lock_skill(session: Session, tenant_id: str, skill_id: str) -> None:
-    """Serialise writers of one skill's embedding until the transaction ends.
+def lock_skills(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> None:
+    """Serialise writers of these skills' embeddings until the transaction ends.
 
-    An advisory lock, not SELECT ... FOR UPDATE: the worker's role may lack UPDATE on `skills`.
+    Advisory locks, not SELECT ... FOR UPDATE: the worker's role may lack UPDATE on `skills`.
+    Taken in sorted order in one statement, so two writers never wait on each other in a cycle.
     """
+    keys = sorted(f"{tenant_id}/{skill_id}" for skill_id in set(skill_ids))
     session.execute(
-        select(func.pg_advisory_xact_lock(func.hashtextextended(f"{tenant_id}/{skill_id}", 0)))
+        text(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0)))"
+            " FROM unnest(CAST(:keys AS text[])) AS key"
+        ),
+        {"keys": keys},
     )
 
 

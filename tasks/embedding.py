@@ -273,8 +273,7 @@ def _write(
     outcomes: list[tuple[_Pending, Outcome]] = []
     with tenant_scope(runtime.sessions, tenant) as session:
         ids = sorted({item.request.skill_id for item, _ in items})
-        for skill_id in ids:  # sorted: two writers never wait on each other in a cycle
-            services.lock_skill(session, tenant, skill_id)
+        services.lock_skills(session, tenant, ids)
         # Re-read under the locks: an edit that landed while Ollama worked wins over this vector.
         current = {s.id: s for s in services.get_skills(session, ids)}
         rows = []

@@ -9,7 +9,7 @@ from celery import Task, shared_task
 
 from tasks import runtime
 from tasks.backfill import ProgressLog, reconcile_catalog, start_backfill
-from tasks.batching import embed_with_neighbours, outcome_already_recorded
+from tasks.batching import embed_in_run
 from tasks.embedding import EmbedRequest, Result, embed_skills
 from tasks.errors import EmbedderError, PermanentError
 from tasks.queues import BULK, EMBED_SKILL
@@ -40,12 +40,10 @@ def embed_skill(
     if run_id is None:
         [result] = embed_skills(rt, [request])
         return settle(self, result, skill_id, run_id)
-    done = outcome_already_recorded(rt, run_id, skill_id)
-    if done is not None:
-        return done  # a batch led by an earlier job of the run embedded this skill
-    result, batch = embed_with_neighbours(rt, run_id, request)
-    ProgressLog(rt).finished_many(run_id, batch)
-    return settle(self, result, skill_id, run_id)
+    outcome = embed_in_run(rt, run_id, request)
+    if isinstance(outcome, str):
+        return outcome  # recorded with its batch, which may have run before this job arrived
+    return settle(self, outcome, skill_id, run_id)
 
 
 def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | None) -> str:

@@ -61,13 +61,17 @@ class OllamaClient:
             # One request at a time: Ollama serves embedding models with a single slot anyway.
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
         )
+        # A process's background batch and its current job share this client: Ollama must
+        # never see two of our requests at once, so they take turns.
+        self._turn = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
 
     def _post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
         try:
-            return self._http.post(path, json=payload)
+            with self._turn:
+                return self._http.post(path, json=payload)
         except httpx.TimeoutException as exc:
             raise OllamaUnavailable(
                 f"Ollama at {self.base_url} did not answer {path} in time ({type(exc).__name__})"
@@ -188,9 +192,17 @@ def validate_embeddings(body: Any, *, expected: int, dimensions: int) -> list[li
                 f"Ollama returned a vector of {size} dimensions where {dimensions} are"
                 f" configured (input {index}): check EMBEDDING_DIMENSIONS and the model"
             )
-        if not all(isinstance(x, int | float) and math.isfinite(x) for x in vector):
-            raise BadEmbedding(f"Ollama returned a vector with NaN or Inf values (input {index})")
-    return [[float(x) for x in vector] for vector in vectors]
+        # One sum in C instead of a check per value: NaN or Inf anywhere makes it non-finite,
+        # and a value that is not a number makes it fail.
+        try:
+            finite = math.isfinite(sum(vector))
+        except TypeError:
+            finite = False
+        if not finite:
+            raise BadEmbedding(
+                f"Ollama returned a vector with NaN or Inf values or non-numbers (input {index})"
+            )
+    return vectors
 
 
 class OllamaClients:

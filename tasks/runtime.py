@@ -5,12 +5,16 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import Engine, text
 
 from db.session import SessionFactory, make_engine, make_session_factory
+from tasks.ledger import BatchLedger
 from tasks.ollama import OllamaClients
+
+if TYPE_CHECKING:
+    from tasks.embedding import Result
 
 
 class TaskSettings(Protocol):
@@ -58,6 +62,11 @@ class Runtime:
         return OllamaClients(timeout=self.settings.ollama_timeout_seconds)
 
     @cached_property
+    def batches(self) -> BatchLedger[dict[str, Result]]:
+        """The background thread that embeds a run's batches ahead of their jobs."""
+        return BatchLedger()
+
+    @cached_property
     def column_dimensions(self) -> int | None:
         """The size of `skill_embeddings.embedding`, as the database declares it."""
         with self.engine.connect() as connection:
@@ -71,10 +80,11 @@ class Runtime:
 
     def reset(self) -> None:
         """Drop connections (after a fork: a child must not share its parent's sockets)."""
-        for name in ("engine", "sessions", "ollama", "column_dimensions"):
+        for name in ("engine", "sessions", "ollama", "batches", "column_dimensions"):
             resource = self.__dict__.pop(name, None)
             if isinstance(resource, Engine):
                 resource.dispose(close=False)
+            # A fork copies no threads: the child starts its own background thread on first use.
 
 
 _current: Runtime | None = None

@@ -254,32 +254,37 @@ def beat(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
 
 def test_redis_restarted_empty_mid_backfill_is_healed_by_reconcile(
     db: Database,
-    worker: Process,
     embedder_env: dict[str, str],
     ollama: FakeOllama,
     redis_server: LocalRedis,
     tmp_path: Path,
 ) -> None:
+    # Small batches, so that most of the run is still only messages when Redis loses them.
+    env = {**embedder_env, "EMBED_BATCH_SIZE": "4", "RECONCILE_INTERVAL_SECONDS": "2"}
     db.add_tenant(TENANT_A)
-    skills = published_catalog(db, 60)
+    skills = published_catalog(db, 80)
     ollama.request_latency = 0.05
-    call_backfill(embedder_env)
-    wait_until(lambda: len(embedded_ids(db)) >= 10, what="some rows")
-
-    redis_server.restart_empty()
-    env = {**embedder_env, "RECONCILE_INTERVAL_SECONDS": "2"}
-    beat = Process(
-        celery("beat", "--loglevel=INFO", f"--schedule={tmp_path / 'beat-schedule'}"),
-        env,
-        tmp_path / "beat.log",
-    ).start()
+    worker = start_worker(env, tmp_path / "worker.log")
     try:
-        wait_until(lambda: summaries(worker.log()), timeout=90, what="the summary")
+        call_backfill(env)
+        wait_until(lambda: len(embedded_ids(db)) >= 8, what="some rows")
+        redis_server.restart_empty()
+        lost = 80 - len(embedded_ids(db))
+        beat = Process(
+            celery("beat", "--loglevel=INFO", f"--schedule={tmp_path / 'beat-schedule'}"),
+            env,
+            tmp_path / "beat.log",
+        ).start()
+        try:
+            wait_until(lambda: summaries(worker.log()), timeout=90, what="the summary")
+        finally:
+            beat.stop()
     finally:
-        beat.stop()
+        worker.stop()
 
+    assert lost > 40, "the backfill was nearly done before Redis lost its queue"
     assert embedded_ids(db) == set(skills)
-    assert summaries(worker.log()) == [(60, 60, 0)]
+    assert summaries(worker.log()) == [(80, 80, 0)]
     assert "Reconcile:" in worker.log()
 
 
