@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import psutil
 import sqlalchemy as sa
+from celery import Celery
 from rich.console import Console
 from rich.table import Table
 
@@ -40,6 +41,7 @@ from devstack.fake_ollama import FakeOllama
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tasks.producer import enqueue_embed_skill
+from tasks.queues import INTERACTIVE
 from tasks.text import input_hash, skill_text
 
 TENANT = "default-tenant-000-0000-000000000000"
@@ -119,19 +121,34 @@ def sequential_loop(database_url: str, ollama_url: str) -> tuple[int, float]:
     return len(skills), elapsed
 
 
-def backfill_through_worker(env: dict[str, str]) -> float:
-    """From `python -m worker backfill --wait` to its summary line."""
+def backfill_through_worker(engine: sa.Engine, redis_url: str) -> tuple[float, int, int]:
+    """From queuing `tasks.backfill` to its run's summary, timed in this process like (a).
+
+    Returns (seconds, skills in the run, skills found unchanged)."""
+    app = Celery("bench", broker=redis_url, set_as_current=False)
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "backfill", "--wait", "--timeout", "1800"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    run_id = app.send_task("tasks.backfill", queue=INTERACTIVE).id
+    deadline = started + 1800
+    with engine.connect() as connection:
+        while True:
+            row = connection.execute(
+                sa.text(
+                    "SELECT total, unchanged, failed, finished_at FROM embedding_runs"
+                    " WHERE id = :id"
+                ),
+                {"id": run_id},
+            ).one_or_none()
+            connection.commit()
+            if row is not None and row.finished_at is not None:
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"backfill {run_id} did not finish in 30 minutes")
+            time.sleep(0.01)
     elapsed = time.perf_counter() - started
-    if result.returncode != 0 or "0 failures" not in result.stdout:
-        raise RuntimeError(f"backfill failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return elapsed
+    app.close()
+    if row.failed:
+        raise RuntimeError(f"backfill {run_id} had {row.failed} failures")
+    return elapsed, int(row.total), int(row.unchanged)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -245,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         count, seq_seconds = sequential_loop(database_url, ollama.url)
         clear_embeddings(engine)
         ollama.reset()
-        ours_seconds = backfill_through_worker(env)
+        ours_seconds, _, _ = backfill_through_worker(engine, redis.url)
         results["sequential"] = {
             "skills": count,
             "seconds": seq_seconds,
@@ -285,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(f"(e) second backfill over {args.unchanged_skills} unchanged skills")
         seed_catalog(engine, args.unchanged_skills, ollama.url)
-        backfill_through_worker(env)
+        backfill_through_worker(engine, redis.url)
         ollama.reset()
+        seconds, total, unchanged = backfill_through_worker(engine, redis.url)
         results["unchanged_backfill"] = {
-            "skills": args.unchanged_skills,
-            "seconds": backfill_through_worker(env),
+            "skills": total,
+            "found_unchanged": unchanged,
+            "seconds": seconds,
             "ollama_inputs": ollama.inputs,
         }
         results["worker_rss_mb"] = tree_rss_mb(worker.pid)
@@ -329,7 +348,7 @@ def report(r: dict[str, Any]) -> None:
     )
     u = r["unchanged_backfill"]
     table.add_row(
-        f"backfill over {u['skills']} unchanged",
+        f"backfill over {u['skills']} skills ({u['found_unchanged']} unchanged)",
         f"{u['seconds']:.2f} s, {u['ollama_inputs']} inputs",
         "<= 5 s, 0 inputs",
     )

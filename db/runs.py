@@ -18,6 +18,7 @@ COUNTER = {
     "unchanged": "unchanged",
     "failed": "failed",
 }
+FAILED = "failed"
 SKIPPED = "skipped"  # removed, disabled, superseded, vanished: neither embedded nor a failure
 
 
@@ -63,10 +64,24 @@ def _state(row: Any) -> RunState:
     return RunState(*row)
 
 
-def create_run(session: Session, run_id: str, tenant_id: str | None, force: bool) -> None:
-    session.execute(
-        text("INSERT INTO embedding_runs (id, tenant_id, force) VALUES (:id, :tenant, :force)"),
+def create_run(session: Session, run_id: str, tenant_id: str | None, force: bool) -> bool:
+    """Record a new run; False when it exists already (its message was delivered again)."""
+    result = session.execute(
+        text(
+            "INSERT INTO embedding_runs (id, tenant_id, force) VALUES (:id, :tenant, :force)"
+            " ON CONFLICT (id) DO NOTHING"
+        ),
         {"id": run_id, "tenant": tenant_id, "force": force},
+    )
+    return _rowcount(result) == 1
+
+
+def pending_count(session: Session, run_id: str) -> int:
+    return int(
+        session.execute(
+            text("SELECT count(*) FROM embedding_run_items WHERE run_id = :id AND outcome IS NULL"),
+            {"id": run_id},
+        ).scalar_one()
     )
 
 
@@ -239,13 +254,16 @@ def release_claims(session: Session, run_id: str, skill_ids: Sequence[str]) -> N
     )
 
 
-def item_outcome(session: Session, run_id: str, skill_id: str) -> str | None:
-    """The outcome already recorded for the item (by a batch that took it), if any."""
-    value = session.execute(
-        text("SELECT outcome FROM embedding_run_items WHERE run_id = :run AND skill_id = :skill"),
+def item_outcome(session: Session, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
+    """(outcome, detail) already recorded for the item (by a batch that took it), if any."""
+    row = session.execute(
+        text(
+            "SELECT outcome, detail FROM embedding_run_items"
+            " WHERE run_id = :run AND skill_id = :skill AND outcome IS NOT NULL"
+        ),
         {"run": run_id, "skill": skill_id},
-    ).scalar()
-    return None if value is None else str(value)
+    ).one_or_none()
+    return None if row is None else (str(row.outcome), row.detail)
 
 
 def _finish_if_complete(session: Session, run_id: str) -> RunState | None:

@@ -27,13 +27,18 @@ def make_session_factory(engine: Engine) -> SessionFactory:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def scope_to_tenant(session: Session, tenant_id: str) -> None:
+    """From here to the end of the transaction, row level security shows `tenant_id`'s rows."""
+    # set_config(..., true) is SET LOCAL with a bind parameter: it ends with the transaction,
+    # so a pooled connection never carries one tenant's id into another's work.
+    session.execute(select(func.set_config("app.current_tenant_id", tenant_id, True)))
+
+
 @contextmanager
 def tenant_scope(factory: SessionFactory, tenant_id: str) -> Iterator[Session]:
     """A transaction in which row level security shows only `tenant_id`'s rows; commits on exit."""
     with factory.begin() as session:
-        # set_config(..., true) is SET LOCAL with a bind parameter: it ends with the transaction,
-        # so a pooled connection never carries one tenant's id into another's work.
-        session.execute(select(func.set_config("app.current_tenant_id", tenant_id, True)))
+        scope_to_tenant(session, tenant_id)
         yield session
 
 

@@ -41,7 +41,8 @@ from devstack.ollama_protocol import BUSY, NO_EMBEDDINGS, TOO_LONG, vector_for
 
 __all__ = ["BUSY", "NO_EMBEDDINGS", "TOO_LONG", "FakeOllama", "main", "vector_for"]
 
-_Reply = tuple[int, object]  # a str payload is sent as text/plain, anything else as JSON
+# A str payload is sent as text/plain, bytes as a JSON body already encoded, anything else as JSON.
+_Reply = tuple[int, object]
 _KNOBS: dict[str, tuple[type, ...]] = {
     "request_latency": (int, float),
     "input_latency": (int, float),
@@ -262,23 +263,34 @@ class FakeOllama:
             if not request.truncate and any(wire.count_tokens(t) > context for t in request.inputs):
                 raise wire.Rejected(400, TOO_LONG)  # one long item fails the whole batch
             texts = [text[: context * wire.CHARS_PER_TOKEN] for text in request.inputs]
-            if halt.wait(self.request_latency + self.input_latency * len(texts)):
+            dimensions = (
+                request.dimensions if 0 < request.dimensions < self.dimensions else self.dimensions
+            )
+            if corruption:
+                vectors = [vector_for(text, dimensions) for text in texts]
+                embeddings = json.dumps(wire.corrupt(vectors, corruption))
+            else:
+                embeddings = "[" + ",".join(wire.vector_json(t, dimensions) for t in texts) + "]"
+            # The knobs are the time the slot is held, computing the vectors included.
+            cost = self.request_latency + self.input_latency * len(texts)
+            if halt.wait(max(0.0, cost - (time.monotonic_ns() - loaded) / 1e9)):
                 return None
-            size = request.dimensions if 0 < request.dimensions < self.dimensions else None
-            vectors = [vector_for(text, size or self.dimensions) for text in texts]
         finally:
             self._slot.release()
         with self._lock:
             self._inputs += len(texts)
             self._texts.extend(request.inputs)
             self._batch_sizes.append(len(texts))
-        return 200, {
-            "model": request.model,
-            "embeddings": wire.corrupt(vectors, corruption) if corruption else vectors,
-            "total_duration": time.monotonic_ns() - arrived,
-            "load_duration": loaded - arrived,  # as in Ollama, includes the wait for the slot
-            "prompt_eval_count": sum(wire.count_tokens(text) for text in texts),
-        }
+        # Assembled as text: the vectors are JSON already (see wire.vector_json).
+        fields = json.dumps(
+            {
+                "model": request.model,
+                "total_duration": time.monotonic_ns() - arrived,
+                "load_duration": loaded - arrived,  # as in Ollama, includes the wait for the slot
+                "prompt_eval_count": sum(wire.count_tokens(text) for text in texts),
+            }
+        )
+        return 200, f'{{"embeddings": {embeddings}, {fields[1:]}'.encode()
 
     def _take_slot(self) -> bool:
         """Take the model's slot, queueing unless `max_pending` requests already wait for it."""
@@ -433,7 +445,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, reply: _Reply, method: str) -> None:
         status, payload = reply
         text = isinstance(payload, str)
-        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        if isinstance(payload, bytes):
+            data = payload
+        else:
+            data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "text/plain" if text else "application/json")

@@ -52,6 +52,13 @@ def vector_for(text: str, dimensions: int = 768) -> list[float]:
 
 
 @lru_cache(maxsize=4096)
+def vector_json(text: str, dimensions: int = 768) -> str:
+    """`vector_for` as JSON text, cached: encoding it anew for every request would cost more
+    than the fake's whole latency budget for a small input."""
+    return json.dumps(_unit_vector(text, dimensions))
+
+
+@lru_cache(maxsize=4096)
 def _unit_vector(text: str, dimensions: int) -> tuple[float, ...]:
     rng = random.Random(int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big"))
     raw = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]

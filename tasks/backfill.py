@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Task
 
 from db import runs, services
-from db.session import tenant_scope, unscoped
+from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.embedding import tenant_config
 from tasks.errors import (
     DimensionMismatch,
@@ -136,30 +136,47 @@ def ensure_default_tenant_enabled(rt: Runtime) -> None:
 
 
 def start_backfill(
-    rt: Runtime, task: Enqueuer, run_id: str | None, tenant_id: str | None, force: bool
+    rt: Runtime,
+    task: Enqueuer,
+    run_id: str | None,
+    tenant_id: str | None,
+    force: bool,
+    *,
+    before_fanout: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Preflight, record the run, fan out one bulk job per skill that needs work."""
+    """Preflight, record the run, fan out one bulk job per skill that needs work.
+
+    `before_fanout(run_id)` runs once the run's items are recorded, before the first job is
+    queued: the worker uses it to start embedding while the jobs are still being queued.
+    """
     run_id = run_id or str(uuid.uuid4())
     if tenant_id in (None, rt.settings.default_tenant_id):
         ensure_default_tenant_enabled(rt)
     tenants = _enabled_tenants(rt, tenant_id)
     preflight(rt, tenants)
-    with unscoped(rt.sessions) as session:
-        runs.create_run(session, run_id, tenant_id, force)
     published = queued = 0
-    for tenant in tenants:
-        with tenant_scope(rt.sessions, tenant) as session:
-            config = tenant_config(rt, session, tenant)
-            counts = runs.add_tenant_items(
-                session,
-                run_id,
-                tenant,
-                model=config.model,
-                dimensions=config.dimensions,
-                force=force,
-            )
-        published += counts[0]
-        queued += counts[1]
+    # The run and all its items in one transaction: a worker killed while fanning out leaves
+    # either nothing or the whole run, and the redelivered message resumes the fan-out.
+    with unscoped(rt.sessions) as session:
+        if runs.create_run(session, run_id, tenant_id, force):
+            for tenant in tenants:
+                scope_to_tenant(session, tenant)
+                config = tenant_config(rt, session, tenant)
+                counts = runs.add_tenant_items(
+                    session,
+                    run_id,
+                    tenant,
+                    model=config.model,
+                    dimensions=config.dimensions,
+                    force=force,
+                )
+                published += counts[0]
+                queued += counts[1]
+        else:
+            run = runs.get_run(session, run_id)
+            assert run is not None
+            published, queued = run.total, runs.pending_count(session, run_id)
+            logger.info("Backfill %s was interrupted: resuming its fan-out", run_id)
     logger.info(
         "Backfill %s: %d published skills in %d tenants, %d to embed",
         run_id,
@@ -167,6 +184,8 @@ def start_backfill(
         len(tenants),
         queued,
     )
+    if before_fanout is not None and queued:
+        before_fanout(run_id)
     enqueue_pending(rt, task, run_id, force=force)
     with unscoped(rt.sessions) as session:
         finished = runs.mark_fanned_out(session, run_id)

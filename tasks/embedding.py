@@ -154,6 +154,21 @@ def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Res
 
     Each request gets its own result, so one bad input never fails its neighbours.
     """
+    return write_vectors(runtime, fetch_vectors(runtime, requests))
+
+
+@dataclass
+class Vectors:
+    """A batch between its two stages: vectors fetched from Ollama, not yet written."""
+
+    results: list[Result | None]
+    embedded: list[tuple[_Pending, list[float]]]
+
+
+def fetch_vectors(
+    runtime: Runtime, requests: Sequence[EmbedRequest], *, urgent: bool = True
+) -> Vectors:
+    """Load and decide each request, and ask Ollama for the vectors of those that need one."""
     results: list[Result | None] = [None] * len(requests)
     by_tenant: dict[str, list[int]] = defaultdict(list)
     for index, request in enumerate(requests):
@@ -175,17 +190,24 @@ def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Res
     for (url, model, dimensions), items in groups.items():
         client = runtime.ollama.for_url(url)
         for item, vector_or_error in zip(
-            items, _embed_splitting(client, [i.text for i in items], model, dimensions), strict=True
+            items,
+            _embed_splitting(client, [i.text for i in items], model, dimensions, urgent=urgent),
+            strict=True,
         ):
             if isinstance(vector_or_error, EmbedderError):
                 results[item.index] = vector_or_error
             else:
                 embedded.append((item, vector_or_error))
+    return Vectors(results, embedded)
 
-    by_tenant_vectors: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
-    for item, vector in embedded:
-        by_tenant_vectors[item.tenant_id].append((item, vector))
-    for tenant, vectors in by_tenant_vectors.items():
+
+def write_vectors(runtime: Runtime, batch: Vectors) -> list[Result]:
+    """Upsert the fetched vectors, one statement per tenant; every request's result."""
+    results = list(batch.results)
+    by_tenant: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
+    for item, vector in batch.embedded:
+        by_tenant[item.tenant_id].append((item, vector))
+    for tenant, vectors in by_tenant.items():
         for item, outcome in _write(runtime, tenant, vectors):
             results[item.index] = Embedded(outcome, item.name)
     assert all(result is not None for result in results)
@@ -249,18 +271,18 @@ def _load_and_decide(
 
 
 def _embed_splitting(
-    client: OllamaClient, texts: list[str], model: str, dimensions: int
+    client: OllamaClient, texts: list[str], model: str, dimensions: int, *, urgent: bool
 ) -> list[list[float] | EmbedderError]:
     """Embed texts in one call; when Ollama rejects the batch, halve it to isolate the bad input."""
     try:
-        return list(client.embed(texts, model=model, dimensions=dimensions))
+        return list(client.embed(texts, model=model, dimensions=dimensions, urgent=urgent))
     except (OllamaRejected, BadEmbedding) as exc:
         if len(texts) == 1:
             return [exc]
         middle = len(texts) // 2
-        return _embed_splitting(client, texts[:middle], model, dimensions) + _embed_splitting(
-            client, texts[middle:], model, dimensions
-        )
+        return _embed_splitting(
+            client, texts[:middle], model, dimensions, urgent=urgent
+        ) + _embed_splitting(client, texts[middle:], model, dimensions, urgent=urgent)
     except EmbedderError as exc:
         # Server down, model missing: the same for every input of the batch.
         return [exc] * len(texts)

@@ -53,3 +53,7 @@ class UnknownTenant(PermanentError):
 
 class OllamaNotReady(PermanentError):
     """The preflight before a backfill failed: nothing was queued."""
+
+
+class FailedInBatch(PermanentError):
+    """A batch met this skill's permanent failure before its own job came; the message says why."""

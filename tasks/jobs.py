@@ -9,7 +9,7 @@ from celery import Task, shared_task
 
 from tasks import runtime
 from tasks.backfill import ProgressLog, reconcile_catalog, start_backfill
-from tasks.batching import embed_in_run
+from tasks.batching import claim_ahead, embed_in_run
 from tasks.embedding import EmbedRequest, Result, embed_skills
 from tasks.errors import EmbedderError, PermanentError
 from tasks.queues import BULK, EMBED_SKILL
@@ -71,7 +71,15 @@ def backfill(
     self: Task[Any, Any], tenant_id: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Queue one `tasks.embed_skill` per published skill that needs one; returns the run at once."""
-    return start_backfill(runtime.current(), embed_skill, self.request.id, tenant_id, force)
+    rt = runtime.current()
+    return start_backfill(
+        rt,
+        embed_skill,
+        self.request.id,
+        tenant_id,
+        force,
+        before_fanout=lambda run_id: claim_ahead(rt, run_id, force=force),
+    )
 
 
 @shared_task(name="tasks.reconcile")

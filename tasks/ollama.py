@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,40 @@ def _error_text(response: httpx.Response) -> str:
     return response.text.strip()[:200]
 
 
+class Turns:
+    """One request at a time; an urgent caller (a job from the app) goes before batches."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._busy = False
+        self._urgent_waiting = 0
+        self._waiting = 0
+
+    def waiting(self) -> int:
+        """Callers waiting for their turn."""
+        with self._changed:
+            return self._waiting
+
+    @contextmanager
+    def turn(self, *, urgent: bool) -> Iterator[None]:
+        with self._changed:
+            self._urgent_waiting += urgent
+            self._waiting += 1
+            try:
+                while self._busy or (not urgent and self._urgent_waiting):
+                    self._changed.wait()
+            finally:
+                self._urgent_waiting -= urgent
+                self._waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What `/api/show` says of a model."""
@@ -61,16 +96,16 @@ class OllamaClient:
             # One request at a time: Ollama serves embedding models with a single slot anyway.
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
         )
-        # A process's background batch and its current job share this client: Ollama must
+        # A process's background batches and its current job share this client: Ollama must
         # never see two of our requests at once, so they take turns.
-        self._turn = threading.Lock()
+        self._turns = Turns()
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
+    def _post(self, path: str, payload: dict[str, Any], *, urgent: bool = True) -> httpx.Response:
         try:
-            with self._turn:
+            with self._turns.turn(urgent=urgent):
                 return self._http.post(path, json=payload)
         except httpx.TimeoutException as exc:
             raise OllamaUnavailable(
@@ -82,12 +117,17 @@ class OllamaClient:
                 " is it running? (check OLLAMA_URL or site_settings.ollama_url)"
             ) from exc
 
-    def embed(self, texts: Sequence[str], *, model: str, dimensions: int) -> list[list[float]]:
-        """One vector per text, in order, each of `dimensions` finite floats."""
+    def embed(
+        self, texts: Sequence[str], *, model: str, dimensions: int, urgent: bool = True
+    ) -> list[list[float]]:
+        """One vector per text, in order, each of `dimensions` finite floats.
+
+        `urgent=False` (a batch claimed ahead) lets an urgent call waiting for Ollama go first.
+        """
         if not texts:
             return []
         payload = {"model": model, "input": list(texts)}
-        response = self._post("/api/embed", payload)
+        response = self._post("/api/embed", payload, urgent=urgent)
         self._raise_for_status(response, model)
         try:
             body = response.json()

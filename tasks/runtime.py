@@ -78,6 +78,11 @@ class Runtime:
             ).scalar()
         return int(value) if value and value > 0 else None
 
+    def stop_batches(self) -> None:
+        """Before the process exits: finish the batches in flight, claim no more."""
+        if "batches" in self.__dict__:
+            self.batches.close()
+
     def reset(self) -> None:
         """Drop connections (after a fork: a child must not share its parent's sockets)."""
         for name in ("engine", "sessions", "ollama", "batches", "column_dimensions"):

@@ -6,10 +6,12 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from devstack.fake_ollama import FakeOllama
 from devstack.redis import LocalRedis
@@ -250,6 +252,27 @@ def beat(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
     ).start(ready="beat: Starting")
     yield process
     process.stop()
+
+
+def test_a_backfill_delivered_again_resumes_its_run_instead_of_starting_another(
+    db: Database, worker: Process, redis_url: str
+) -> None:
+    # What Redis does with the backfill's message when a worker dies while fanning it out.
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 30)
+    producer = Celery("test", broker=redis_url, set_as_current=False)
+    run_id = str(uuid.uuid4())
+    for _ in range(2):
+        producer.send_task("tasks.backfill", task_id=run_id, queue="embed")
+    producer.close()
+
+    wait_until(lambda: worker.log().count(f"tasks.backfill[{run_id}] succeeded") == 2,
+               what="both deliveries")  # fmt: skip
+    wait_until(lambda: summaries(worker.log()), what="the summary")
+    assert embedded_ids(db) == set(skills)
+    assert summaries(worker.log()) == [(30, 30, 0)]
+    assert db.scalar("SELECT count(*) FROM embedding_runs") == 1
+    assert "Traceback" not in worker.log()
 
 
 def test_redis_restarted_empty_mid_backfill_is_healed_by_reconcile(

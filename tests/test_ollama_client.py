@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 
@@ -18,7 +19,8 @@ from tasks.errors import (
     PermanentError,
     TransientError,
 )
-from tasks.ollama import OllamaClient
+from tasks.ollama import OllamaClient, Turns
+from tests.waiting import wait_until
 
 MODEL = "nomic-embed-text"
 
@@ -171,3 +173,24 @@ def test_preflight_of_an_ollama_that_is_down(client: OllamaClient, ollama: FakeO
 
     with pytest.raises(OllamaUnavailable, match="start it"):
         client.preflight(model=MODEL, dimensions=768)
+
+
+def test_a_job_from_the_app_goes_before_waiting_batches() -> None:
+    turns = Turns()
+    order: list[str] = []
+
+    def take(name: str, urgent: bool) -> None:
+        with turns.turn(urgent=urgent):
+            order.append(name)
+
+    with turns.turn(urgent=False):  # a batch is with Ollama
+        batch = threading.Thread(target=take, args=("next batch", False))
+        batch.start()
+        wait_until(lambda: turns.waiting() == 1, what="the batch to wait")
+        job = threading.Thread(target=take, args=("publish", True))
+        job.start()
+        wait_until(lambda: turns.waiting() == 2, what="the publish to wait")
+    batch.join(5)
+    job.join(5)
+
+    assert order == ["publish", "next batch"]

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Queue
 
 from tasks import runtime
@@ -87,6 +87,12 @@ def create_app(settings: Settings) -> Celery:
 def _fresh_connections(**_: Any) -> None:
     # A forked pool process must not reuse the parent's database or HTTP sockets.
     runtime.current().reset()
+
+
+@worker_process_shutdown.connect
+def _stop_batches(**_: Any) -> None:
+    # Batches claimed now would only wait out their lease: leave those items to their jobs.
+    runtime.current().stop_batches()
 
 
 app = create_app(load_settings())
