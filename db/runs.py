@@ -138,8 +138,32 @@ def iter_pending_items(session: Session, run_id: str) -> Iterator[tuple[str, str
         yield str(row.skill_id), str(row.tenant_id)
 
 
+ItemKey = tuple[str, int]  # (tenant_id, position): the order jobs are queued in
+
+
+def items_after(
+    session: Session, run_id: str, after: ItemKey | None, limit: int
+) -> list[tuple[str, str, int]]:
+    """(skill_id, tenant_id, position) of the next `limit` items in queue order, done or not."""
+    rows = session.execute(
+        text(
+            "SELECT skill_id, tenant_id, position FROM embedding_run_items"
+            " WHERE run_id = :id AND (CAST(:tenant AS text) IS NULL"
+            "   OR (tenant_id, position) > (CAST(:tenant AS text), CAST(:position AS integer)))"
+            " ORDER BY tenant_id, position LIMIT :limit"
+        ),
+        {
+            "id": run_id,
+            "tenant": after[0] if after else None,
+            "position": after[1] if after else None,
+            "limit": limit,
+        },
+    )
+    return [(str(r.skill_id), str(r.tenant_id), int(r.position)) for r in rows]
+
+
 def mark_fanned_out(session: Session, run_id: str) -> RunState | None:
-    """All items are recorded; returns the run if that completed it (nothing was queued)."""
+    """Every item's job is queued; returns the run if that completed it."""
     session.execute(
         text("UPDATE embedding_runs SET fanned_out = true WHERE id = :id"), {"id": run_id}
     )
@@ -293,9 +317,10 @@ def latest_run(session: Session) -> RunState | None:
 
 
 def unfinished_runs(session: Session) -> list[RunState]:
+    """Runs without a summary yet, fanned out or not (a lost fan-out step stops one midway)."""
     rows = session.execute(
         text(
-            f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE finished_at IS NULL AND fanned_out"
+            f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE finished_at IS NULL"
             " ORDER BY started_at"
         )
     )

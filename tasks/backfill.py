@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # The embed_skill task, handed in by tasks.jobs so this module does not import it back.
 Enqueuer = Task[..., Any]
+# Queues the rest of a fan-out: (run_id, force, the last item queued).
+Continuation = Callable[[str, bool, runs.ItemKey], None]
 
 
 class ProgressLog:
@@ -143,11 +145,13 @@ def start_backfill(
     force: bool,
     *,
     before_fanout: Callable[[str], None] | None = None,
+    continue_later: Continuation | None = None,
 ) -> dict[str, Any]:
     """Preflight, record the run, fan out one bulk job per skill that needs work.
 
     `before_fanout(run_id)` runs once the run's items are recorded, before the first job is
     queued: the worker uses it to start embedding while the jobs are still being queued.
+    `continue_later` is passed on to `fan_out`.
     """
     run_id = run_id or str(uuid.uuid4())
     if tenant_id in (None, rt.settings.default_tenant_id):
@@ -186,12 +190,42 @@ def start_backfill(
     )
     if before_fanout is not None and queued:
         before_fanout(run_id)
-    enqueue_pending(rt, task, run_id, force=force)
+    fan_out(rt, task, run_id, force=force, continue_later=continue_later)
+    return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": queued}
+
+
+def fan_out(
+    rt: Runtime,
+    task: Enqueuer,
+    run_id: str,
+    *,
+    force: bool,
+    after: runs.ItemKey | None = None,
+    continue_later: Continuation | None = None,
+) -> None:
+    """Queue one bulk job per item of the run in queue order, from just after `after`.
+
+    With `continue_later`, one chunk now and `continue_later(run_id, force, last_key)` for the
+    rest: the worker queues that as a job behind the chunk, so a job from the app never waits
+    behind more than a chunk of fan-out, and the queue holds about a chunk at a time.
+    """
+    chunk = rt.settings.backfill_chunk_size
+    while True:
+        with unscoped(rt.sessions) as session:
+            items = runs.items_after(session, run_id, after, chunk)
+        for skill_id, tenant, _ in items:
+            kwargs = {"skill_id": skill_id, "tenant_id": tenant, "run_id": run_id}
+            task.apply_async(kwargs={**kwargs, "force": True} if force else kwargs, queue=BULK)
+        if len(items) < chunk:
+            break
+        after = (items[-1][1], items[-1][2])
+        if continue_later is not None:
+            continue_later(run_id, force, after)
+            return
     with unscoped(rt.sessions) as session:
         finished = runs.mark_fanned_out(session, run_id)
     if finished is not None:
         logger.info(finished.summary)
-    return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": queued}
 
 
 def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str, *, force: bool) -> int:
@@ -225,6 +259,12 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
         unfinished = runs.unfinished_runs(session)
     for run in unfinished:
         requeued += enqueue_pending(rt, task, run.id, force=run.force)
+        if not run.fanned_out:
+            # Its fan-out step was lost with the queue: every pending job is queued now.
+            with unscoped(rt.sessions) as session:
+                finished = runs.mark_fanned_out(session, run.id)
+            if finished is not None:
+                logger.info(finished.summary)
     queued = 0
     for tenant in _enabled_tenants(rt, None):
         with tenant_scope(rt.sessions, tenant) as session:

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from tasks import runtime
-from tasks.backfill import ProgressLog, reconcile_catalog, start_backfill
+from tasks.backfill import ProgressLog, fan_out, reconcile_catalog, start_backfill
 from tasks.batching import claim_ahead, embed_in_run
 from tasks.embedding import EmbedRequest, Result, embed_skills
 from tasks.errors import EmbedderError, PermanentError
@@ -79,6 +79,26 @@ def backfill(
         tenant_id,
         force,
         before_fanout=lambda run_id: claim_ahead(rt, run_id, force=force),
+        continue_later=_continue_fan_out,
+    )
+
+
+@shared_task(name="tasks.fan_out", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def fan_out_rest(run_id: str, force: bool, after: list[Any]) -> None:
+    """The next chunk of a backfill's jobs (queued behind the previous chunk)."""
+    fan_out(
+        runtime.current(),
+        embed_skill,
+        run_id,
+        force=force,
+        after=(str(after[0]), int(after[1])),
+        continue_later=_continue_fan_out,
+    )
+
+
+def _continue_fan_out(run_id: str, force: bool, after: tuple[str, int]) -> None:
+    fan_out_rest.apply_async(
+        kwargs={"run_id": run_id, "force": force, "after": list(after)}, queue=BULK
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
-from tests.databases import TENANT_A, Database
+from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, start_worker
 from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
@@ -85,3 +85,28 @@ def test_a_publish_during_a_long_backfill_is_embedded_before_it_ends(
     assert len(embedded_ids(db)) < 300
     wait_until(lambda: summaries(batch_worker.log()), timeout=60, what="the summary")
     assert summaries(batch_worker.log()) == [(400, 400, 0)]
+
+
+def test_a_backfill_queues_its_jobs_a_chunk_at_a_time(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> None:
+    env = {**embedder_env, "BACKFILL_CHUNK_SIZE": "25", "EMBED_BATCH_SIZE": "8"}
+    db.add_tenant(TENANT_A)
+    db.add_tenant(TENANT_B)
+    skills = published_catalog(db, 60) + published_catalog(db, 45, tenant=TENANT_B)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        call_backfill(env)
+        wait_until(lambda: summaries(worker.log()), timeout=60, what="the summary")
+        wait_until(
+            lambda: len(re.findall(r"tasks\.embed_skill\[\S+\] succeeded", worker.log())) == 105,
+            what="every skill's own job",
+        )
+    finally:
+        worker.stop()
+
+    assert summaries(worker.log()) == [(105, 105, 0)]
+    assert embedded_ids(db) == set(skills)
+    # 105 jobs in chunks of 25: the backfill queues the first, four fan-out steps the rest.
+    assert len(re.findall(r"tasks\.fan_out\[\S+\] succeeded", worker.log())) == 4
+    assert ollama.inputs == 105

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     embed_retry_backoff_seconds: float = Field(default=2.0, gt=0)
     embed_retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
     embed_batch_size: int = Field(default=32, ge=1, le=512)
-    embed_batch_wait_ms: int = Field(default=50, ge=0)
+    backfill_chunk_size: int = Field(default=500, ge=1)
     reconcile_interval_seconds: float = Field(default=600.0, gt=0)
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     task_time_limit_seconds: int = Field(default=300, ge=1)

@@ -1,4 +1,5 @@
-"""Pending run items in queue order: claiming a batch reads the next few, not the whole run.
+"""Run items in queue order: claiming a batch, or queuing the next chunk of jobs, reads the
+next few items, not the whole run.
 
 Revision ID: 0004_pending_items_order
 Revises: 0003_run_item_claims
@@ -18,6 +19,8 @@ def upgrade() -> None:
         DROP INDEX embedding_run_items_pending_idx;
         CREATE INDEX embedding_run_items_pending_idx
             ON embedding_run_items (run_id, tenant_id, position) WHERE outcome IS NULL;
+        CREATE INDEX embedding_run_items_queue_order_idx
+            ON embedding_run_items (run_id, tenant_id, position);
         """
     )
 
@@ -25,6 +28,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(
         """
+        DROP INDEX embedding_run_items_queue_order_idx;
         DROP INDEX embedding_run_items_pending_idx;
         CREATE INDEX embedding_run_items_pending_idx ON embedding_run_items (run_id)
             WHERE outcome IS NULL;
