@@ -180,6 +180,9 @@ def start_backfill(
             run = runs.get_run(session, run_id)
             assert run is not None
             published, queued = run.total, runs.pending_count(session, run_id)
+            if run.fanned_out:  # delivered again after its jobs were all queued
+                return {"run_id": run_id, "tenants": len(tenants), "total": published,
+                        "queued": queued}  # fmt: skip
             logger.info("Backfill %s was interrupted: resuming its fan-out", run_id)
     logger.info(
         "Backfill %s: %d published skills in %d tenants, %d to embed",
