@@ -282,8 +282,9 @@ def test_redis_restarted_empty_mid_backfill_is_healed_by_reconcile(
     redis_server: LocalRedis,
     tmp_path: Path,
 ) -> None:
-    # Small batches, so that most of the run is still only messages when Redis loses them.
-    env = {**embedder_env, "EMBED_BATCH_SIZE": "4", "RECONCILE_INTERVAL_SECONDS": "2"}
+    # One skill a batch: the worker runs at most 16 batches ahead of its queue, so most of the
+    # run is still only messages when Redis loses them.
+    env = {**embedder_env, "EMBED_BATCH_SIZE": "1", "RECONCILE_INTERVAL_SECONDS": "2"}
     db.add_tenant(TENANT_A)
     skills = published_catalog(db, 80)
     ollama.request_latency = 0.05
