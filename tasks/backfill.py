@@ -36,11 +36,9 @@ class ProgressLog:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def finished(self, run_id: str | None, skill_id: str, outcome: str, name: str) -> None:
-        if run_id is None:
-            logger.info("%s: %s", outcome.capitalize(), name)
-            return
-        self.finished_many(run_id, [(skill_id, outcome, name)])
+    def finished(self, outcome: str, name: str) -> None:
+        """A job outside any run (a run's outcomes are recorded by `finished_many`)."""
+        logger.info("%s: %s", outcome.capitalize(), name)
 
     def finished_many(self, run_id: str, items: Sequence[tuple[str, str, str]]) -> None:
         """(skill_id, outcome, name) of jobs done together: one write, one line each."""
@@ -217,8 +215,7 @@ def fan_out(
         with unscoped(rt.sessions) as session:
             items = runs.items_after(session, run_id, after, chunk)
         for skill_id, tenant, _ in items:
-            kwargs = {"skill_id": skill_id, "tenant_id": tenant, "run_id": run_id}
-            task.apply_async(kwargs={**kwargs, "force": True} if force else kwargs, queue=BULK)
+            _queue_job(task, run_id, skill_id, tenant, force=force)
         if len(items) < chunk:
             break
         after = (items[-1][1], items[-1][2])
@@ -236,10 +233,14 @@ def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str, *, force: bool) ->
     count = 0
     with unscoped(rt.sessions) as session:
         for skill_id, tenant in runs.iter_pending_items(session, run_id):
-            kwargs = {"skill_id": skill_id, "tenant_id": tenant, "run_id": run_id}
-            task.apply_async(kwargs={**kwargs, "force": True} if force else kwargs, queue=BULK)
+            _queue_job(task, run_id, skill_id, tenant, force=force)
             count += 1
     return count
+
+
+def _queue_job(task: Enqueuer, run_id: str, skill_id: str, tenant: str, *, force: bool) -> None:
+    kwargs = {"skill_id": skill_id, "tenant_id": tenant, "run_id": run_id}
+    task.apply_async(kwargs={**kwargs, "force": True} if force else kwargs, queue=BULK)
 
 
 def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> dict[str, int]:

@@ -105,7 +105,7 @@ def _submit(
     future = rt.batches.submit(
         run_id,
         [r.skill_id for r in requests],
-        lambda: _fetch(rt, run_id, requests),
+        lambda: fetch_vectors(rt, requests, urgent=False),
         lambda vectors: _write_and_record(rt, run_id, requests, vectors),
     )
     future.add_done_callback(lambda done: _carry_on(rt, run_id, done, force=force))
@@ -115,48 +115,37 @@ def _submit(
 def _carry_on(rt: Runtime, run_id: str, done: Future[BatchResults], *, force: bool) -> None:
     """A batch that went through claims the next; while Ollama fails, only jobs claim, at the
     pace of their retries."""
-    if done.exception() is None and not any(
-        isinstance(result, TransientError) for result in done.result().values()
-    ):
-        claim_ahead(rt, run_id, force=force)
-
-
-def _fetch(rt: Runtime, run_id: str, requests: list[EmbedRequest]) -> Vectors:
-    try:
-        return fetch_vectors(rt, requests, urgent=False)
-    except Exception:
+    error = done.exception()
+    if error is not None:
         # Nobody may wait on a batch claimed ahead: say why it died; its jobs redo the work.
-        logger.exception("A batch of %d skills of run %s failed", len(requests), run_id)
-        raise
+        logger.error("A batch of run %s failed", run_id, exc_info=error)
+        return
+    if not any(isinstance(result, TransientError) for result in done.result().values()):
+        claim_ahead(rt, run_id, force=force)
 
 
 def _write_and_record(
     rt: Runtime, run_id: str, requests: list[EmbedRequest], vectors: Vectors
 ) -> BatchResults:
     """Write and record a fetched batch; an item that may succeed later goes back to its job."""
-    try:
-        results = write_vectors(rt, vectors)
-        pairs = list(zip(requests, results, strict=True))
-        done = [
-            (request.skill_id, result.outcome.value, result.name)
-            for request, result in pairs
-            if isinstance(result, Embedded)
-        ]
-        progress = ProgressLog(rt)
-        retry = []
-        for request, result in pairs:
-            if isinstance(result, TransientError):
-                retry.append(request.skill_id)
-            elif isinstance(result, EmbedderError):
-                # Retrying cannot help: record it now, so its own job fails with the reason.
-                progress.failed(run_id, request.skill_id, describe(result), retries=0)
-        if retry:
-            with unscoped(rt.sessions) as session:
-                runs.release_claims(session, run_id, retry)
-        progress.finished_many(run_id, done)
-        rt.batches.remember(run_id, [(skill_id, outcome) for skill_id, outcome, _ in done])
-    except Exception:
-        # Nobody may wait on a batch claimed ahead: say why it died; its jobs redo the work.
-        logger.exception("A batch of %d skills of run %s failed", len(requests), run_id)
-        raise
+    results = write_vectors(rt, vectors)
+    pairs = list(zip(requests, results, strict=True))
+    done = [
+        (request.skill_id, result.outcome.value, result.name)
+        for request, result in pairs
+        if isinstance(result, Embedded)
+    ]
+    progress = ProgressLog(rt)
+    retry = []
+    for request, result in pairs:
+        if isinstance(result, TransientError):
+            retry.append(request.skill_id)
+        elif isinstance(result, EmbedderError):
+            # Retrying cannot help: record it now, so its own job fails with the reason.
+            progress.failed(run_id, request.skill_id, describe(result), retries=0)
+    if retry:
+        with unscoped(rt.sessions) as session:
+            runs.release_claims(session, run_id, retry)
+    progress.finished_many(run_id, done)
+    rt.batches.remember(run_id, [(skill_id, outcome) for skill_id, outcome, _ in done])
     return {request.skill_id: result for request, result in pairs}

@@ -62,7 +62,8 @@ def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | No
             raise task.retry(exc=result, countdown=delay, max_retries=settings.embed_max_retries)
         ProgressLog(rt).failed(run_id, skill_id, describe(result), retries)
         raise result
-    ProgressLog(rt).finished(run_id, skill_id, result.outcome.value, result.name)
+    # Only a job outside a run gets here with a result: a run's outcomes go with its batch.
+    ProgressLog(rt).finished(result.outcome.value, result.name)
     return result.outcome.value
 
 

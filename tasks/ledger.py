@@ -29,7 +29,6 @@ class BatchLedger(Generic[T]):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write")
         self._lock = threading.Lock()
         self._in_flight: dict[Key, Future[T]] = {}
-        self._batches = 0
         self._depth = depth
         self._recorded: OrderedDict[Key, tuple[str, float]] = OrderedDict()
         self._remember = remember
@@ -65,7 +64,6 @@ class BatchLedger(Generic[T]):
                 done.set_exception(exc)
 
         with self._lock:
-            self._batches += 1
             for key in keys:
                 self._in_flight[key] = done
         done.add_done_callback(lambda _: self._forget(keys, done))
@@ -74,7 +72,6 @@ class BatchLedger(Generic[T]):
 
     def _forget(self, keys: list[Key], future: Future[T]) -> None:
         with self._lock:
-            self._batches -= 1
             for key in keys:
                 if self._in_flight.get(key) is future:
                     del self._in_flight[key]
@@ -86,7 +83,7 @@ class BatchLedger(Generic[T]):
     def has_room(self) -> bool:
         """Fewer batches in flight than the depth: another may be claimed."""
         with self._lock:
-            return self._batches < self._depth
+            return len(set(self._in_flight.values())) < self._depth
 
     def close(self) -> None:
         """Claim nothing more (the process is going away); batches in flight finish."""

@@ -84,12 +84,14 @@ class Runtime:
             self.batches.close()
 
     def reset(self) -> None:
-        """Drop connections (after a fork: a child must not share its parent's sockets)."""
+        """Drop connections (after a fork: a child must not share its parent's sockets).
+
+        A fork copies no threads either: the child starts its own batch threads on first use.
+        """
         for name in ("engine", "sessions", "ollama", "batches", "column_dimensions"):
             resource = self.__dict__.pop(name, None)
             if isinstance(resource, Engine):
                 resource.dispose(close=False)
-            # A fork copies no threads: the child starts its own background thread on first use.
 
 
 _current: Runtime | None = None
