@@ -234,48 +234,80 @@ def record_outcomes(
     )
 
 
-# A claim older than this is presumed abandoned (its worker died mid-batch).
-CLAIM_TTL = "5 minutes"
-
-
 def claim_items(
     session: Session, run_id: str, limit: int, *, including: str | None = None
 ) -> list[tuple[str, str]]:
-    """Claim up to `limit` pending items of the run, `including` this one whatever its claim.
+    """Lock up to `limit` pending items of the run for this transaction; (skill_id, tenant_id).
 
-    SKIP LOCKED lets workers on several hosts claim side by side without waiting or overlap.
-    Returns (skill_id, tenant_id), `including` first, then in queue order.
+    The claim is the row lock itself: it lasts until the transaction ends, so a process that
+    dies or loses its connection gives its items back at once, with nothing to expire. SKIP
+    LOCKED lets claimers on several hosts take batches side by side. With `including`, that
+    item comes first, and nothing is claimed unless it could be (another batch holds it).
     """
+    claimed: list[tuple[str, str]] = []
+    if including is not None:
+        own = session.execute(
+            text(
+                "SELECT skill_id, tenant_id FROM embedding_run_items"
+                " WHERE run_id = :run AND skill_id = :skill AND outcome IS NULL"
+                " FOR UPDATE SKIP LOCKED"
+            ),
+            {"run": run_id, "skill": including},
+        ).one_or_none()
+        if own is None:
+            return []
+        claimed.append((str(own.skill_id), str(own.tenant_id)))
+    if limit > len(claimed):
+        rows = session.execute(
+            text(
+                "SELECT skill_id, tenant_id FROM embedding_run_items"
+                " WHERE run_id = :run AND outcome IS NULL"
+                "   AND skill_id IS DISTINCT FROM CAST(:skill AS text)"
+                " ORDER BY tenant_id, position LIMIT :limit FOR UPDATE SKIP LOCKED"
+            ),
+            {"run": run_id, "skill": including, "limit": limit - len(claimed)},
+        )
+        claimed += [(str(r.skill_id), str(r.tenant_id)) for r in rows]
+    return claimed
+
+
+def wait_for_item(
+    session: Session, run_id: str, skill_id: str, *, timeout_seconds: float
+) -> tuple[str | None, str | None] | None:
+    """Wait for the batch that holds the item to end, then lock it; (outcome, detail).
+
+    None when the run has no such item. A lock still held after `timeout_seconds` raises
+    sqlalchemy's OperationalError (lock_timeout), which callers treat as transient.
+    """
+    session.execute(
+        text("SELECT set_config('lock_timeout', :ms, true)"),
+        {"ms": f"{int(timeout_seconds * 1000)}ms"},
+    )
+    row = session.execute(
+        text(
+            "SELECT outcome, detail FROM embedding_run_items"
+            " WHERE run_id = :run AND skill_id = :skill FOR UPDATE"
+        ),
+        {"run": run_id, "skill": skill_id},
+    ).one_or_none()
+    return None if row is None else (row.outcome, row.detail)
+
+
+def runs_with_free_items(session: Session) -> list[tuple[str, bool]]:
+    """(run_id, force) of open runs with a pending item that no batch holds right now."""
     rows = session.execute(
         text(
-            f"""
-            UPDATE embedding_run_items SET claimed_at = now()
-            WHERE run_id = :run AND (skill_id IN (
-                SELECT skill_id FROM embedding_run_items
-                WHERE run_id = :run AND outcome IS NULL
-                  AND skill_id IS DISTINCT FROM CAST(:skill AS text)
-                  AND (claimed_at IS NULL OR claimed_at < now() - interval '{CLAIM_TTL}')
-                ORDER BY tenant_id, position LIMIT :limit
-                FOR UPDATE SKIP LOCKED)
-               OR skill_id = CAST(:skill AS text))
-            RETURNING skill_id, tenant_id, position
             """
-        ),
-        {"run": run_id, "skill": including, "limit": limit - (including is not None)},
-    ).all()
-    ordered = sorted(rows, key=lambda r: (r.skill_id != including, r.tenant_id, r.position))
-    return [(str(r.skill_id), str(r.tenant_id)) for r in ordered]
-
-
-def release_claims(session: Session, run_id: str, skill_ids: Sequence[str]) -> None:
-    """Give items back to their own jobs (a neighbour's failure is not ours to retry)."""
-    session.execute(
-        text(
-            "UPDATE embedding_run_items SET claimed_at = NULL"
-            " WHERE run_id = :run AND skill_id = ANY(CAST(:ids AS text[])) AND outcome IS NULL"
-        ),
-        {"run": run_id, "ids": list(skill_ids)},
+            SELECT r.id, r.force FROM embedding_runs r
+            WHERE r.finished_at IS NULL AND EXISTS (
+                SELECT 1 FROM embedding_run_items i
+                WHERE i.run_id = r.id AND i.outcome IS NULL
+                FOR UPDATE SKIP LOCKED)
+            ORDER BY r.started_at
+            """
+        )
     )
+    return [(str(r.id), bool(r.force)) for r in rows]
 
 
 def item_outcome(session: Session, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
@@ -294,7 +326,7 @@ def _finish_if_complete(session: Session, run_id: str) -> RunState | None:
     row = session.execute(
         text(
             "UPDATE embedding_runs SET finished_at = now() WHERE id = :id AND finished_at IS NULL"
-            " AND fanned_out AND embedded + unchanged + failed + skipped >= total"
+            " AND embedded + unchanged + failed + skipped >= total"
             f" RETURNING {RUN_COLUMNS}"
         ),
         {"id": run_id},

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Task
 
 from db import runs, services
 from db.session import scope_to_tenant, tenant_scope, unscoped
-from tasks.embedding import tenant_config
+from tasks.embedding import Embedded, Result, tenant_config
 from tasks.errors import (
     DimensionMismatch,
     EmbedderError,
@@ -19,6 +19,7 @@ from tasks.errors import (
     UnknownTenant,
 )
 from tasks.queues import BULK
+from tasks.retry import describe
 from tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -37,26 +38,26 @@ class ProgressLog:
         self.rt = rt
 
     def finished(self, outcome: str, name: str) -> None:
-        """A job outside any run (a run's outcomes are recorded by `finished_many`)."""
+        """A job outside any run (a run's outcomes are recorded by its batches)."""
         logger.info("%s: %s", outcome.capitalize(), name)
 
-    def finished_many(self, run_id: str, items: Sequence[tuple[str, str, str]]) -> None:
-        """(skill_id, outcome, name) of jobs done together: one write, one line each."""
-        if not items:
-            return
-        names = {skill_id: (outcome, name) for skill_id, outcome, name in items}
-        with unscoped(self.rt.sessions) as session:
-            recorded = runs.record_outcomes(
-                session, run_id, [(skill_id, outcome, None) for skill_id, outcome, _ in items]
-            )
-        first = recorded.state.done - len(recorded.skill_ids)
-        for offset, skill_id in enumerate(recorded.skill_ids, start=1):
-            outcome, name = names[skill_id]
-            logger.info(
-                "[%d/%d] %s: %s", first + offset, recorded.state.total, outcome.capitalize(), name
-            )
+    def recorded(self, recorded: runs.Recorded, results: Mapping[str, Result]) -> None:
+        """One line per outcome a batch has just committed, and the summary if it ended the run."""
+        state = recorded.state
+        first = state.done - len(recorded.skill_ids)
+        for number, skill_id in enumerate(recorded.skill_ids, start=first + 1):
+            result = results[skill_id]
+            ids = {"skill_id": skill_id, "run_id": state.id}
+            if isinstance(result, Embedded):
+                outcome = result.outcome.value.capitalize()
+                logger.info("[%d/%d] %s: %s", number, state.total, outcome, result.name, extra=ids)
+            else:
+                logger.warning(
+                    "[%d/%d] Failed: %s: %s", number, state.total, skill_id, describe(result),
+                    extra=ids,
+                )  # fmt: skip
         if recorded.finished:
-            logger.info(recorded.state.summary)
+            logger.info(state.summary, extra={"run_id": state.id})
 
     def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
         tries = f" after {retries + 1} attempts" if retries else ""
@@ -123,11 +124,13 @@ def ensure_default_tenant_enabled(rt: Runtime) -> None:
     with tenant_scope(rt.sessions, tenant) as session:
         row = services.get_site_settings(session, tenant)
         if row is None:
+            # The app embeds search queries with the same model and size. The URL stays at the
+            # app's default, which means "each worker's own OLLAMA_URL": workers on several
+            # hosts each use their own Ollama, and the app keeps its own.
             services.update_site_settings(
                 session,
                 tenant,
                 semantic_similarity_enabled=True,
-                ollama_url=rt.settings.ollama_url,
                 ollama_model=rt.settings.ollama_model,
                 embedding_dimensions=rt.settings.embedding_dimensions,
             )

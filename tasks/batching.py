@@ -1,151 +1,258 @@
-"""Batching for backfills: a run's jobs are embedded a batch at a time, one batch ahead.
+"""A backfill's batches: in each worker process, one loop per run, claim -> fetch -> write.
 
-Every skill keeps its own queued job (retried, counted and visible in Flower on its own). The
-first job of a run that finds its skill not yet done claims it and up to EMBED_BATCH_SIZE - 1
-pending neighbours, embeds them in one `/api/embed` call and one upsert, and records their
-outcomes; when a neighbour's own job arrives it finds its outcome recorded and returns at once.
-While those jobs are confirmed, the process's background thread already embeds the next batch
-it claimed, so the worker's own overhead per job overlaps Ollama's time instead of adding to it.
+Every skill of a run keeps its own queued job (retried, counted and shown in Flower on its own),
+but the embedding is done here, a batch at a time, ahead of those jobs:
 
-Claims are leases (`claimed_at`): a process that dies mid-batch leaves its items to their own
-jobs. Jobs from the app carry no run and are never batched; they wait at most for the batch
-Ollama is serving, never for one to fill.
+1. claim: lock up to EMBED_BATCH_SIZE pending items of the run, in queue order, with
+   FOR UPDATE SKIP LOCKED, in a transaction that stays open for the whole batch. The row lock
+   is the claim: other processes skip these items, and PostgreSQL frees them the moment this
+   process dies or its connection is cut.
+2. fetch: one `/api/embed` call per Ollama for the items that need a vector, taking the
+   deployment's slot for that Ollama (tasks.slots).
+3. write: in the same transaction, upsert the vectors, set each item's outcome and the run's
+   counts, then commit. Either every item of the batch is recorded, or (a crash, a cut
+   connection, a failed write) none is and all are free again for the next claim.
+
+The write of one batch overlaps the fetch of the next. The loop stops when no item is free, when
+the process shuts down, or after a batch meets a transient error (Ollama or the database down):
+from then on the items' own jobs claim them, at the pace of their retries, and the first job
+that gets through starts the loop again.
+
+A job finds its item's outcome with one lookup by primary key; if it has none, the job claims
+a batch led by its own item, or waits for the batch that holds it. A process that died while
+embedding items is remembered per item (tasks.crashes): such an item goes alone next time, and
+after EMBED_MAX_DELIVERIES deaths it is recorded failed instead of tried again.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from sqlalchemy.orm import Session
 
 from db import runs
 from db.session import unscoped
 from tasks.backfill import ProgressLog
 from tasks.embedding import (
+    Batch,
     Embedded,
     EmbedRequest,
     Result,
-    Vectors,
     embed_skills,
     fetch_vectors,
+    load_and_decide,
     write_vectors,
 )
-from tasks.errors import EmbedderError, FailedInBatch, TransientError
+from tasks.errors import (
+    EmbedderError,
+    FailedInBatch,
+    TransientError,
+    WorkerDied,
+    database_error,
+)
 from tasks.retry import describe
 from tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-BatchResults = dict[str, Result]
-AHEAD_BATCHES = 16
+
+class RunBatch:
+    """Claimed items of one run, their transaction (which holds the claims) and their results."""
+
+    def __init__(self, rt: Runtime, run_id: str, session: Session, work: Batch) -> None:
+        self.rt, self.run_id, self.session, self.work = rt, run_id, session, work
+        self.skill_ids = [request.skill_id for request in work.requests]
+        self.begun = [r.skill_id for r in work.requests if work.needs_vector(r)]
+        rt.crashes.begin(run_id, self.begun)
+
+    def end(self, *, written: bool = False) -> None:
+        """Close the transaction (a rollback unless committed): the claims end with it."""
+        self.session.close()
+        self.rt.crashes.end(self.run_id, self.begun, done=written)
 
 
-def embed_in_run(rt: Runtime, run_id: str, request: EmbedRequest) -> str | EmbedderError:
-    """The job's outcome once recorded (by its batch or an earlier one), or the error to settle."""
-    ledger = rt.batches
+def claim(
+    rt: Runtime, run_id: str, *, force: bool, including: str | None = None
+) -> RunBatch | None:
+    """Lock the run's next pending items (`including` first) and decide what each needs."""
+    size, most = rt.settings.embed_batch_size, rt.settings.embed_max_deliveries
+    session = rt.sessions()
+    try:
+        rt.hold_claims(session)
+        claimed = runs.claim_items(session, run_id, size, including=including)
+        deaths = rt.crashes.deaths(run_id, [skill_id for skill_id, _ in claimed])
+        suspect = next((s for s, n in deaths.items() if 0 < n < most), None)
+        if suspect is not None and len(claimed) > 1:
+            # A process died while embedding it: alone, it cannot take neighbours down again.
+            session.rollback()
+            rt.hold_claims(session)
+            claimed = runs.claim_items(session, run_id, 1, including=suspect)
+        if not claimed:
+            session.close()
+            return None
+        requests = [EmbedRequest(skill_id, tenant, force) for skill_id, tenant in claimed]
+        work = load_and_decide(rt, session, requests)
+        for skill_id, count in deaths.items():
+            if count >= most:
+                work.fail(skill_id, WorkerDied(count, work.name_of(skill_id)))
+        return RunBatch(rt, run_id, session, work)
+    except Exception as exc:
+        session.close()
+        logger.warning("Could not claim a batch of run %s: %s", run_id, _reason(exc))
+        raise
+
+
+def fetch(batch: RunBatch) -> bool:
+    """Ask Ollama for the batch's vectors; False when an item met a transient error."""
+    try:
+        fetch_vectors(batch.rt, batch.work, urgent=False)
+    except BaseException:
+        batch.end()
+        raise
+    return not any(isinstance(r, TransientError) for r in batch.work.results)
+
+
+def write(batch: RunBatch) -> list[Result]:
+    """Upsert the vectors and record every outcome in the batch's transaction, then commit.
+
+    Items that met a transient error get no outcome: the commit frees them for a later claim.
+    """
+    written = False
+    try:
+        results = write_vectors(batch.rt, batch.session, batch.work)
+        outcomes = [
+            (skill_id, _outcome(result), None if isinstance(result, Embedded) else describe(result))
+            for skill_id, result in zip(batch.skill_ids, results, strict=True)
+            if not isinstance(result, TransientError)
+        ]
+        recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes)
+        batch.session.commit()
+        written = True
+    except Exception as exc:
+        logger.warning(
+            "A batch of %d items of run %s failed while writing (%s): nothing of it was"
+            " recorded, and each item is free for the next claim",
+            len(batch.skill_ids),
+            batch.run_id,
+            _reason(exc),
+            extra={"run_id": batch.run_id},
+        )
+        raise
+    finally:
+        batch.end(written=written)
+    ProgressLog(batch.rt).recorded(recorded, dict(zip(batch.skill_ids, results, strict=True)))
+    return results
+
+
+def _outcome(result: Result) -> str:
+    return result.outcome.value if isinstance(result, Embedded) else runs.FAILED
+
+
+def _reason(exc: BaseException) -> str:
+    return describe(database_error(exc) or exc)
+
+
+def run_batches(rt: Runtime, run_id: str, *, force: bool, keep_going: Callable[[], bool]) -> None:
+    """The loop: claim, fetch, write, batch after batch, while an item of the run is free."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer:
+        writing: Future[list[Result]] | None = None
+        try:
+            while keep_going():
+                batch = claim(rt, run_id, force=force)
+                if batch is None:
+                    break
+                went_through = fetch(batch)
+                if writing is not None:
+                    writing.result()  # the previous batch, written while this one was fetched
+                writing = writer.submit(write, batch)
+                if not went_through:
+                    break  # Ollama is failing: jobs retry, and the first one through restarts us
+        finally:
+            if writing is not None:
+                writing.exception()  # wait for it; its failure is logged where it happened
+
+
+def embed_item(rt: Runtime, run_id: str, request: EmbedRequest) -> str | EmbedderError:
+    """A run job: its item's outcome, recorded by whichever batch embeds it (maybe this job's)."""
     skill_id = request.skill_id
-    outcome = ledger.confirm(run_id, skill_id)
-    future = None if outcome is not None else ledger.in_flight(run_id, skill_id)
-    if outcome is None and future is None:
-        recorded = _recorded_in_database(rt, run_id, skill_id)
-        if recorded is not None:
-            outcome, detail = recorded
-            if outcome == runs.FAILED:
-                return FailedInBatch(detail or f"skill {skill_id!r} failed in its batch")
-        else:
-            with unscoped(rt.sessions) as session:
-                claimed = runs.claim_items(
-                    session, run_id, rt.settings.embed_batch_size, including=skill_id
-                )
-            if not claimed or claimed[0][0] != skill_id:
-                # Not an item of that run (a hand-made message): embed it on its own.
-                [alone] = embed_skills(rt, [request])
-                return alone if isinstance(alone, EmbedderError) else alone.outcome.value
-            future = _submit(rt, run_id, claimed, force=request.force)
-    result = future.result()[skill_id] if future is not None else None
-    if isinstance(result, EmbedderError):
-        # Settled (retried or failed) before anything claims its item again.
-        return result
-    claim_ahead(rt, run_id, force=request.force)
-    if isinstance(result, Embedded):
-        return result.outcome.value
-    assert outcome is not None
+    with unscoped(rt.sessions) as session:
+        recorded = runs.item_outcome(session, run_id, skill_id)
+    if recorded is not None:
+        return _settled(skill_id, *recorded)
+    rt.loops.ensure(run_id, force=request.force)
+    while True:
+        batch = claim(rt, run_id, force=request.force, including=skill_id)
+        if batch is not None:
+            fetch(batch)
+            results = write(batch)
+            result = results[batch.skill_ids.index(skill_id)]
+            return result.outcome.value if isinstance(result, Embedded) else result
+        # Another batch holds the item: wait for it to end, then see what it recorded.
+        with unscoped(rt.sessions) as session:
+            state = runs.wait_for_item(session, run_id, skill_id, timeout_seconds=rt.claim_seconds)
+        if state is None:  # not an item of that run (a hand-made message): embed it alone
+            [alone] = embed_skills(rt, [request])
+            return alone.outcome.value if isinstance(alone, Embedded) else alone
+        if state[0] is not None:
+            return _settled(skill_id, state[0], state[1])
+
+
+def _settled(skill_id: str, outcome: str, detail: str | None) -> str | EmbedderError:
+    if outcome == runs.FAILED:
+        return FailedInBatch(detail or f"skill {skill_id!r} failed in its batch")
     return outcome
 
 
-def _recorded_in_database(rt: Runtime, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
-    with unscoped(rt.sessions) as session:
-        return runs.item_outcome(session, run_id, skill_id)
+class RunLoops:
+    """This process's loops, at most one per run, started by jobs and by the recovery pass."""
 
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
-def claim_ahead(rt: Runtime, run_id: str, *, force: bool) -> None:
-    """Keep batches of the run in flight while this process confirms (or queues) its jobs.
-
-    Bounded twice: at most the ledger's depth in flight, and at most AHEAD_BATCHES batches
-    recorded whose jobs have not come yet, so a process never runs far ahead of its queue.
-    """
-    ledger = rt.batches
-    if not ledger.claiming.acquire(blocking=False):
-        return  # another thread of this process is claiming right now
-    try:
-        size = rt.settings.embed_batch_size
-        while ledger.has_room() and ledger.unconfirmed() < AHEAD_BATCHES * size:
-            with unscoped(rt.sessions) as session:
-                claimed = runs.claim_items(session, run_id, size)
-            if not claimed:
+    def ensure(self, run_id: str, *, force: bool) -> None:
+        with self._lock:
+            running = self._threads.get(run_id)
+            if self._stopping.is_set() or (running is not None and running.is_alive()):
                 return
-            _submit(rt, run_id, claimed, force=force)
-    finally:
-        ledger.claiming.release()
+            thread = threading.Thread(
+                target=self._loop, args=(run_id, force), name=f"run-{run_id[:8]}", daemon=True
+            )
+            self._threads[run_id] = thread
+            thread.start()
 
+    def _loop(self, run_id: str, force: bool) -> None:
+        try:
+            run_batches(self._rt, run_id, force=force, keep_going=self.running)
+        except Exception as exc:
+            # Each stage logged its own failure in one line; the rest is a bug worth a traceback.
+            if database_error(exc) is None:
+                logger.exception("The batch loop of run %s stopped", run_id)
 
-def _submit(
-    rt: Runtime, run_id: str, claimed: list[tuple[str, str]], *, force: bool
-) -> Future[BatchResults]:
-    requests = [EmbedRequest(skill_id, tenant, force) for skill_id, tenant in claimed]
-    future = rt.batches.submit(
-        run_id,
-        [r.skill_id for r in requests],
-        lambda: fetch_vectors(rt, requests, urgent=False),
-        lambda vectors: _write_and_record(rt, run_id, requests, vectors),
-    )
-    future.add_done_callback(lambda done: _carry_on(rt, run_id, done, force=force))
-    return future
+    def running(self) -> bool:
+        return not self._stopping.is_set()
 
+    def recover(self) -> None:
+        """Start a loop for every open run with a free item (its worker died, its jobs are lost)."""
+        with unscoped(self._rt.sessions) as session:
+            open_runs = runs.runs_with_free_items(session)
+        for run_id, force in open_runs:
+            self.ensure(run_id, force=force)
 
-def _carry_on(rt: Runtime, run_id: str, done: Future[BatchResults], *, force: bool) -> None:
-    """A batch that went through claims the next; while Ollama fails, only jobs claim, at the
-    pace of their retries."""
-    error = done.exception()
-    if error is not None:
-        # Nobody may wait on a batch claimed ahead: say why it died; its jobs redo the work.
-        logger.error("A batch of run %s failed", run_id, exc_info=error)
-        return
-    if not any(isinstance(result, TransientError) for result in done.result().values()):
-        claim_ahead(rt, run_id, force=force)
+    def recover_every(self, seconds: float) -> None:
+        """The recovery pass, now and every `seconds`, until `stop`; for a daemon thread."""
+        while not self._stopping.is_set():
+            try:
+                self.recover()
+            except Exception as exc:
+                logger.warning("Recovery pass failed: %s", describe(database_error(exc) or exc))
+            self._stopping.wait(seconds)
 
-
-def _write_and_record(
-    rt: Runtime, run_id: str, requests: list[EmbedRequest], vectors: Vectors
-) -> BatchResults:
-    """Write and record a fetched batch; an item that may succeed later goes back to its job."""
-    results = write_vectors(rt, vectors)
-    pairs = list(zip(requests, results, strict=True))
-    done = [
-        (request.skill_id, result.outcome.value, result.name)
-        for request, result in pairs
-        if isinstance(result, Embedded)
-    ]
-    progress = ProgressLog(rt)
-    retry = []
-    for request, result in pairs:
-        if isinstance(result, TransientError):
-            retry.append(request.skill_id)
-        elif isinstance(result, EmbedderError):
-            # Retrying cannot help: record it now, so its own job fails with the reason.
-            progress.failed(run_id, request.skill_id, describe(result), retries=0)
-    if retry:
-        with unscoped(rt.sessions) as session:
-            runs.release_claims(session, run_id, retry)
-    progress.finished_many(run_id, done)
-    rt.batches.remember(run_id, [(skill_id, outcome) for skill_id, outcome, _ in done])
-    return {request.skill_id: result for request, result in pairs}
+    def stop(self) -> None:
+        """Claim nothing more (the process is going away); batches in flight finish."""
+        self._stopping.set()

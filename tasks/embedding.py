@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from db import services
 from db.models import PUBLISHED, SkillEmbedding
-from db.session import tenant_scope, unscoped
+from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.errors import (
     BadEmbedding,
     DimensionMismatch,
@@ -128,6 +128,17 @@ def find_tenant(runtime: Runtime, skill_id: str) -> str:
     raise SkillNotFound(f"no skill {skill_id!r} in any active tenant: check the id")
 
 
+def skill_name(runtime: Runtime, skill_id: str, tenant_id: str | None) -> str:
+    """The skill's name for a message, or its id when it cannot be read."""
+    try:
+        tenant = tenant_id or find_tenant(runtime, skill_id)
+        with tenant_scope(runtime.sessions, tenant) as session:
+            skill = services.get_skill(session, skill_id)
+    except EmbedderError:
+        return skill_id
+    return skill.name if skill is not None else skill_id
+
+
 @dataclass
 class _Pending:
     index: int
@@ -150,25 +161,52 @@ Result = Embedded | EmbedderError
 
 
 def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Result]:
-    """Embed a batch: one Ollama call per (server, model) and one write per tenant.
+    """Embed skills outside any run: load and decide, one Ollama call per server, one write.
 
     Each request gets its own result, so one bad input never fails its neighbours.
     """
-    return write_vectors(runtime, fetch_vectors(runtime, requests))
+    with unscoped(runtime.sessions) as session:
+        batch = load_and_decide(runtime, session, requests)
+    fetch_vectors(runtime, batch, urgent=True)
+    with unscoped(runtime.sessions) as session:
+        return write_vectors(runtime, session, batch)
 
 
 @dataclass
-class Vectors:
-    """A batch between its two stages: vectors fetched from Ollama, not yet written."""
+class Batch:
+    """Requests on their way: decided, then given vectors, then written."""
 
-    results: list[Result | None]
-    embedded: list[tuple[_Pending, list[float]]]
+    requests: list[EmbedRequest]
+    results: list[Result | None]  # per request; None while it waits for its vector
+    pending: list[_Pending]  # those that need a vector
+    vectors: list[list[float] | None]  # per pending item
+
+    def needs_vector(self, request: EmbedRequest) -> bool:
+        return any(item.request is request for item in self.pending)
+
+    def name_of(self, skill_id: str) -> str:
+        for item in self.pending:
+            if item.request.skill_id == skill_id:
+                return item.name
+        for request, result in zip(self.requests, self.results, strict=True):
+            if request.skill_id == skill_id and isinstance(result, Embedded):
+                return result.name
+        return skill_id
+
+    def fail(self, skill_id: str, error: EmbedderError) -> None:
+        """Give the request this error instead of sending it to Ollama."""
+        for index, request in enumerate(self.requests):
+            if request.skill_id == skill_id:
+                self.results[index] = error
+        self.pending = [item for item in self.pending if item.request.skill_id != skill_id]
+        self.vectors = [None] * len(self.pending)
 
 
-def fetch_vectors(
-    runtime: Runtime, requests: Sequence[EmbedRequest], *, urgent: bool = True
-) -> Vectors:
-    """Load and decide each request, and ask Ollama for the vectors of those that need one."""
+def load_and_decide(runtime: Runtime, session: Session, requests: Sequence[EmbedRequest]) -> Batch:
+    """Read each request's skill, settings and stored row in `session`; decide what it needs.
+
+    Skills that left `published` lose their row here, in the caller's transaction.
+    """
     results: list[Result | None] = [None] * len(requests)
     by_tenant: dict[str, list[int]] = defaultdict(list)
     for index, request in enumerate(requests):
@@ -178,95 +216,97 @@ def fetch_vectors(
             results[index] = exc
             continue
         by_tenant[tenant].append(index)
-
     pending: list[_Pending] = []
     for tenant, indexes in by_tenant.items():
-        pending += _load_and_decide(runtime, tenant, [(i, requests[i]) for i in indexes], results)
+        scope_to_tenant(session, tenant)
+        pending += _decide_tenant(
+            runtime, session, tenant, [(i, requests[i]) for i in indexes], results
+        )
+    return Batch(list(requests), results, pending, [None] * len(pending))
 
-    groups: dict[tuple[str, str, int], list[_Pending]] = defaultdict(list)
-    for item in pending:
-        groups[(item.config.ollama_url, item.config.model, item.config.dimensions)].append(item)
-    embedded: list[tuple[_Pending, list[float]]] = []
-    for (url, model, dimensions), items in groups.items():
+
+def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
+    """Ask Ollama for the vectors the batch needs: one call per (server, model, size)."""
+    groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+    for position, item in enumerate(batch.pending):
+        groups[(item.config.ollama_url, item.config.model, item.config.dimensions)].append(position)
+    for (url, model, dimensions), positions in groups.items():
         client = runtime.ollama.for_url(url)
-        for item, vector_or_error in zip(
-            items,
-            _embed_splitting(client, [i.text for i in items], model, dimensions, urgent=urgent),
-            strict=True,
-        ):
-            if isinstance(vector_or_error, EmbedderError):
-                results[item.index] = vector_or_error
+        texts = [batch.pending[p].text for p in positions]
+        answers = _embed_splitting(client, texts, model, dimensions, urgent=urgent)
+        for position, answer in zip(positions, answers, strict=True):
+            if isinstance(answer, EmbedderError):
+                batch.results[batch.pending[position].index] = answer
             else:
-                embedded.append((item, vector_or_error))
-    return Vectors(results, embedded)
+                batch.vectors[position] = answer
 
 
-def write_vectors(runtime: Runtime, batch: Vectors) -> list[Result]:
-    """Upsert the fetched vectors, one statement per tenant; every request's result."""
+def write_vectors(runtime: Runtime, session: Session, batch: Batch) -> list[Result]:
+    """Upsert the fetched vectors in `session`, one statement per tenant; every result."""
     results = list(batch.results)
     by_tenant: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
-    for item, vector in batch.embedded:
-        by_tenant[item.tenant_id].append((item, vector))
+    for item, vector in zip(batch.pending, batch.vectors, strict=True):
+        if vector is not None:
+            by_tenant[item.tenant_id].append((item, vector))
     for tenant, vectors in by_tenant.items():
-        for item, outcome in _write(runtime, tenant, vectors):
+        scope_to_tenant(session, tenant)
+        for item, outcome in _write(session, tenant, vectors):
             results[item.index] = Embedded(outcome, item.name)
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
 
 
-def _load_and_decide(
+def _decide_tenant(
     runtime: Runtime,
+    session: Session,
     tenant: str,
     indexed: list[tuple[int, EmbedRequest]],
     results: list[Result | None],
 ) -> list[_Pending]:
     pending: list[_Pending] = []
-    with tenant_scope(runtime.sessions, tenant) as session:
-        config = tenant_config(runtime, session, tenant)
-        ids = [request.skill_id for _, request in indexed]
-        skills = {s.id: s for s in services.get_skills(session, ids)}
-        stored = {
-            row.skill_id: StoredEmbedding(row.input_hash, row.model_name, row.dimensions)
-            for row in session.execute(
-                select(
-                    SkillEmbedding.skill_id,
-                    SkillEmbedding.input_hash,
-                    SkillEmbedding.model_name,
-                    SkillEmbedding.dimensions,
-                ).where(SkillEmbedding.skill_id.in_(ids), SkillEmbedding.tenant_id == tenant)
-            )
-        }
-        column = runtime.column_dimensions
-        for index, request in indexed:
-            skill = skills.get(request.skill_id)
-            try:
-                if skill is not None and skill.tenant_id != tenant:
-                    raise TenantMismatch(
-                        f"skill {request.skill_id!r} belongs to tenant {skill.tenant_id!r},"
-                        f" not {tenant!r}: enqueue it with its own tenant id"
-                    )
-                if skill is None:
-                    raise SkillNotFound(
-                        f"no skill {request.skill_id!r} in tenant {tenant!r}: check the id"
-                    )
-                decision = decide(skill, stored.get(request.skill_id), config, force=request.force)
-                if decision.needs_embedding and column and config.dimensions != column:
-                    raise DimensionMismatch(
-                        f"tenant {tenant!r} asks for {config.dimensions}-dimension vectors but"
-                        f" skill_embeddings.embedding is vector({column}): fix"
-                        " site_settings.embedding_dimensions or EMBEDDING_DIMENSIONS"
-                    )
-            except PermanentError as exc:
-                results[index] = exc
-                continue
-            if decision.action is Outcome.REMOVED:
-                services.delete_skill_embedding(session, request.skill_id)
-            if decision.action is not None:
-                results[index] = Embedded(decision.action, decision.name)
-            else:
-                pending.append(
-                    _Pending(index, request, tenant, decision.name, decision.text, config)
+    config = tenant_config(runtime, session, tenant)
+    ids = [request.skill_id for _, request in indexed]
+    skills = {s.id: s for s in services.get_skills(session, ids)}
+    stored = {
+        row.skill_id: StoredEmbedding(row.input_hash, row.model_name, row.dimensions)
+        for row in session.execute(
+            select(
+                SkillEmbedding.skill_id,
+                SkillEmbedding.input_hash,
+                SkillEmbedding.model_name,
+                SkillEmbedding.dimensions,
+            ).where(SkillEmbedding.skill_id.in_(ids), SkillEmbedding.tenant_id == tenant)
+        )
+    }
+    column = runtime.column_dimensions
+    for index, request in indexed:
+        skill = skills.get(request.skill_id)
+        try:
+            if skill is not None and skill.tenant_id != tenant:
+                raise TenantMismatch(
+                    f"skill {request.skill_id!r} belongs to tenant {skill.tenant_id!r},"
+                    f" not {tenant!r}: enqueue it with its own tenant id"
                 )
+            if skill is None:
+                raise SkillNotFound(
+                    f"no skill {request.skill_id!r} in tenant {tenant!r}: check the id"
+                )
+            decision = decide(skill, stored.get(request.skill_id), config, force=request.force)
+            if decision.needs_embedding and column and config.dimensions != column:
+                raise DimensionMismatch(
+                    f"tenant {tenant!r} asks for {config.dimensions}-dimension vectors but"
+                    f" skill_embeddings.embedding is vector({column}): fix"
+                    " site_settings.embedding_dimensions or EMBEDDING_DIMENSIONS"
+                )
+        except PermanentError as exc:
+            results[index] = exc
+            continue
+        if decision.action is Outcome.REMOVED:
+            services.delete_skill_embedding(session, request.skill_id)
+        if decision.action is not None:
+            results[index] = Embedded(decision.action, decision.name)
+        else:
+            pending.append(_Pending(index, request, tenant, decision.name, decision.text, config))
     return pending
 
 
@@ -289,37 +329,36 @@ def _embed_splitting(
 
 
 def _write(
-    runtime: Runtime, tenant: str, items: list[tuple[_Pending, list[float]]]
+    session: Session, tenant: str, items: list[tuple[_Pending, list[float]]]
 ) -> list[tuple[_Pending, Outcome]]:
     """Upsert the vectors whose skill still has the text we embedded; the rest are superseded."""
     outcomes: list[tuple[_Pending, Outcome]] = []
-    with tenant_scope(runtime.sessions, tenant) as session:
-        ids = sorted({item.request.skill_id for item, _ in items})
-        services.lock_skills(session, tenant, ids)
-        # Re-read under the locks: an edit that landed while Ollama worked wins over this vector.
-        current = {s.id: s for s in services.get_skills(session, ids)}
-        rows = []
-        for item, vector in items:
-            skill = current.get(item.request.skill_id)
-            if (
-                skill is None
-                or skill.status != PUBLISHED
-                or skill_text(skill.name, skill.description) != item.text
-            ):
-                outcomes.append((item, Outcome.SUPERSEDED))
-                continue
-            rows.append(
-                {
-                    "tenant_id": tenant,
-                    "skill_id": skill.id,
-                    "embedding": vector,
-                    "model_name": item.config.model,
-                    "dimensions": item.config.dimensions,
-                    "input_hash": input_hash(item.text),
-                }
-            )
-            outcomes.append((item, Outcome.EMBEDDED))
-        services.upsert_skill_embeddings(session, _dedupe(rows))
+    ids = sorted({item.request.skill_id for item, _ in items})
+    services.lock_skills(session, tenant, ids)
+    # Re-read under the locks: an edit that landed while Ollama worked wins over this vector.
+    current = {s.id: s for s in services.get_skills(session, ids)}
+    rows = []
+    for item, vector in items:
+        skill = current.get(item.request.skill_id)
+        if (
+            skill is None
+            or skill.status != PUBLISHED
+            or skill_text(skill.name, skill.description) != item.text
+        ):
+            outcomes.append((item, Outcome.SUPERSEDED))
+            continue
+        rows.append(
+            {
+                "tenant_id": tenant,
+                "skill_id": skill.id,
+                "embedding": vector,
+                "model_name": item.config.model,
+                "dimensions": item.config.dimensions,
+                "input_hash": input_hash(item.text),
+            }
+        )
+        outcomes.append((item, Outcome.EMBEDDED))
+    services.upsert_skill_embeddings(session, _dedupe(rows))
     return outcomes
 
 

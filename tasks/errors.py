@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import DBAPIError, OperationalError
+
 
 class EmbedderError(Exception):
     """Base of the errors the worker raises on purpose; the message is one sentence for a person."""
@@ -57,3 +59,30 @@ class OllamaNotReady(PermanentError):
 
 class FailedInBatch(PermanentError):
     """A batch met this skill's permanent failure before its own job came; the message says why."""
+
+
+class DatabaseUnavailable(TransientError):
+    """PostgreSQL cut the connection, timed out or broke a deadlock: it may pass later."""
+
+
+class WorkerDied(PermanentError):
+    """The worker's process died each time it embedded this skill (out of memory, a crash)."""
+
+    def __init__(self, deaths: int, name: str) -> None:
+        super().__init__(f"the worker process died {deaths} times while embedding {name}")
+
+
+def database_error(exc: BaseException) -> DatabaseUnavailable | None:
+    """The transient error a database failure stands for, or None if `exc` is not one.
+
+    OperationalError covers a cut or terminated connection, a statement or lock timeout, a
+    deadlock and a serialization failure; any error that invalidated the connection counts too.
+    """
+    if isinstance(exc, OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        return DatabaseUnavailable(
+            f"the database failed ({reason}): PostgreSQL will be tried again"
+        )
+    return None

@@ -5,20 +5,56 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
+from celery.worker.request import Request
 
 from tasks import runtime
 from tasks.backfill import ProgressLog, fan_out, reconcile_catalog, start_backfill
-from tasks.batching import claim_ahead, embed_in_run
-from tasks.embedding import EmbedRequest, Result, embed_skills
-from tasks.errors import EmbedderError, PermanentError
+from tasks.batching import embed_item
+from tasks.crashes import APP_JOBS
+from tasks.embedding import EmbedRequest, Result, embed_skills, skill_name
+from tasks.errors import EmbedderError, PermanentError, WorkerDied, database_error
 from tasks.queues import BULK, EMBED_SKILL
 from tasks.retry import backoff_seconds, describe, should_retry
 
 logger = logging.getLogger(__name__)
 
 
+class EmbedJob(Request):
+    """How the worker's main process handles an embed job whose pool process died under it."""
+
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        if isinstance(exc_info.exception, WorkerLostError):
+            given_up = give_up_after_deaths(self.kwargs or {}, list(self.args or []))
+            if given_up is not None:
+                # A failure, not a loss: the message is acknowledged instead of requeued.
+                exc_info = ExceptionInfo((WorkerDied, given_up, None))
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+def give_up_after_deaths(kwargs: dict[str, Any], args: list[Any]) -> WorkerDied | None:
+    """The job's skill killed EMBED_MAX_DELIVERIES processes: record it failed, say why."""
+    rt = runtime.current()
+    skill_id = str(kwargs.get("skill_id") or (args[0] if args else ""))
+    run_id = kwargs.get("run_id")
+    deaths = rt.crashes.deaths(run_id or APP_JOBS, [skill_id]).get(skill_id, 0)
+    if deaths < rt.settings.embed_max_deliveries:
+        return None
+    error = WorkerDied(deaths, skill_name(rt, skill_id, kwargs.get("tenant_id")))
+    ProgressLog(rt).failed(run_id, skill_id, describe(error), retries=0)
+    return error
+
+
+class EmbedTask(Task[Any, Any]):
+    Request = "tasks.jobs:EmbedJob"
+
+
 @shared_task(
+    base=EmbedTask,
     name=EMBED_SKILL,
     bind=True,
     # Expected failures: Flower shows the reason; the log gets our one line, not a traceback.
@@ -37,13 +73,35 @@ def embed_skill(
     """Bring one skill's embedding up to date; returns what happened (`embedded`, ...)."""
     rt = runtime.current()
     request = EmbedRequest(skill_id, tenant_id, force)
-    if run_id is None:
-        [result] = embed_skills(rt, [request])
-        return settle(self, result, skill_id, run_id)
-    outcome = embed_in_run(rt, run_id, request)
-    if isinstance(outcome, str):
-        return outcome  # recorded with its batch, which may have run before this job arrived
-    return settle(self, outcome, skill_id, run_id)
+    try:
+        if run_id is not None:
+            outcome = embed_item(rt, run_id, request)
+            if isinstance(outcome, str):
+                return outcome  # recorded by its batch, which may have run before this job came
+            return settle(self, outcome, skill_id, run_id)
+        [result] = _embed_alone(rt, request)
+    except Exception as exc:
+        # A cut connection, a deadlock, a timeout: retried like Ollama being down.
+        error = database_error(exc)
+        if error is None:
+            raise
+        result = error
+    return settle(self, result, skill_id, run_id)
+
+
+def _embed_alone(rt: runtime.Runtime, request: EmbedRequest) -> list[Result]:
+    """A job from the app: counted while it runs, so a process it kills is remembered."""
+    deaths = rt.crashes.deaths(APP_JOBS, [request.skill_id]).get(request.skill_id, 0)
+    if deaths >= rt.settings.embed_max_deliveries:
+        return [WorkerDied(deaths, skill_name(rt, request.skill_id, request.tenant_id))]
+    rt.crashes.begin(APP_JOBS, [request.skill_id])
+    done = False
+    try:
+        results = embed_skills(rt, [request])
+        done = True
+        return results
+    finally:
+        rt.crashes.end(APP_JOBS, [request.skill_id], done=done)
 
 
 def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | None) -> str:
@@ -79,7 +137,7 @@ def backfill(
         self.request.id,
         tenant_id,
         force,
-        before_fanout=lambda run_id: claim_ahead(rt, run_id, force=force),
+        before_fanout=lambda run_id: rt.loops.ensure(run_id, force=force),
         continue_later=_continue_fan_out,
     )
 

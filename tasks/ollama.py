@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from tasks.errors import (
     OllamaRejected,
     OllamaUnavailable,
 )
+from tasks.slots import OllamaSlots
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ class ModelInfo:
 class OllamaClient:
     """Talks to one Ollama server; reuse it: it keeps one connection pool."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 10.0, slots: OllamaSlots | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -96,16 +99,24 @@ class OllamaClient:
             # One request at a time: Ollama serves embedding models with a single slot anyway.
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
         )
-        # A process's background batches and its current job share this client: Ollama must
-        # never see two of our requests at once, so they take turns.
+        # Ollama must never see more requests at once than it has slots. With `slots` that holds
+        # across every worker of the deployment; without, across this process's threads.
+        self._slots = slots
         self._turns = Turns()
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, payload: dict[str, Any], *, urgent: bool = True) -> httpx.Response:
+    def _turn(self, *, urgent: bool) -> AbstractContextManager[None]:
+        if self._slots is not None:
+            return self._slots.hold(self.base_url, urgent=urgent)
+        return self._turns.turn(urgent=urgent)
+
+    def _post(
+        self, path: str, payload: dict[str, Any], *, urgent: bool = True, turn: bool = True
+    ) -> httpx.Response:
         try:
-            with self._turns.turn(urgent=urgent):
+            with self._turn(urgent=urgent) if turn else nullcontext():
                 return self._http.post(path, json=payload)
         except httpx.TimeoutException as exc:
             raise OllamaUnavailable(
@@ -177,7 +188,8 @@ class OllamaClient:
         return str(response.json().get("version", "unknown"))
 
     def show(self, model: str) -> ModelInfo:
-        response = self._post("/api/show", {"model": model})
+        # Not a model request: it needs no slot.
+        response = self._post("/api/show", {"model": model}, turn=False)
         if response.status_code == 404:
             raise ModelNotFound(
                 f"model {model!r} is not pulled on Ollama at {self.base_url}:"
@@ -248,8 +260,9 @@ def validate_embeddings(body: Any, *, expected: int, dimensions: int) -> list[li
 class OllamaClients:
     """One client per Ollama URL (tenants may point at different servers), created on demand."""
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(self, *, timeout: float, slots: OllamaSlots | None = None) -> None:
         self.timeout = timeout
+        self._slots = slots
         self._clients: dict[str, OllamaClient] = {}
         self._lock = threading.Lock()
 
@@ -257,7 +270,9 @@ class OllamaClients:
         with self._lock:
             client = self._clients.get(url)
             if client is None:
-                client = self._clients[url] = OllamaClient(url, timeout=self.timeout)
+                client = self._clients[url] = OllamaClient(
+                    url, timeout=self.timeout, slots=self._slots
+                )
             return client
 
     def close(self) -> None:

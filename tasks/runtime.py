@@ -7,14 +7,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
+import redis
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
 from db.session import SessionFactory, make_engine, make_session_factory
-from tasks.ledger import BatchLedger
+from tasks.crashes import CrashCounts
 from tasks.ollama import OllamaClients
+from tasks.slots import OllamaSlots
 
 if TYPE_CHECKING:
-    from tasks.embedding import Result
+    from tasks.batching import RunLoops
+
+# Beyond one Ollama request, the margin a slot's lease gives a live holder to answer and let go.
+SLOT_MARGIN_SECONDS = 5.0
 
 
 class TaskSettings(Protocol):
@@ -22,6 +28,14 @@ class TaskSettings(Protocol):
 
     @property
     def database_url(self) -> str: ...
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def ollama_max_concurrency(self) -> int: ...
+    @property
+    def embed_max_deliveries(self) -> int: ...
+    @property
+    def recovery_interval_seconds(self) -> float: ...
     @property
     def ollama_url(self) -> str: ...
     @property
@@ -58,13 +72,50 @@ class Runtime:
         return make_session_factory(self.engine)
 
     @cached_property
-    def ollama(self) -> OllamaClients:
-        return OllamaClients(timeout=self.settings.ollama_timeout_seconds)
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=5, socket_connect_timeout=5
+        )
+
+    @property
+    def slot_lease_seconds(self) -> float:
+        """How long a slot outlives a holder that died: one request timeout plus a margin."""
+        return self.settings.ollama_timeout_seconds + SLOT_MARGIN_SECONDS
+
+    @property
+    def claim_seconds(self) -> float:
+        """The longest a batch may hold its items: every other holder of the slot served first
+        (urgent jobs and batches, say a dozen leases), then its own request."""
+        return 12 * self.slot_lease_seconds
 
     @cached_property
-    def batches(self) -> BatchLedger[dict[str, Result]]:
-        """The background thread that embeds a run's batches ahead of their jobs."""
-        return BatchLedger()
+    def ollama(self) -> OllamaClients:
+        slots = OllamaSlots(
+            self.redis,
+            limit=self.settings.ollama_max_concurrency,
+            lease_seconds=self.slot_lease_seconds,
+            wait_seconds=self.claim_seconds - self.slot_lease_seconds,
+        )
+        return OllamaClients(timeout=self.settings.ollama_timeout_seconds, slots=slots)
+
+    @cached_property
+    def crashes(self) -> CrashCounts:
+        return CrashCounts(self.redis)
+
+    @cached_property
+    def loops(self) -> RunLoops:
+        """This process's batch loops, one per run (tasks.batching)."""
+        from tasks.batching import RunLoops
+
+        return RunLoops(self)
+
+    def hold_claims(self, session: Session) -> None:
+        """Begin a batch's transaction: if its process stops answering (frozen, cut off),
+        PostgreSQL ends it, and its claims, after `claim_seconds` of silence."""
+        session.execute(
+            text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
+            {"ms": f"{int(self.claim_seconds * 1000)}ms"},
+        )
 
     @cached_property
     def column_dimensions(self) -> int | None:
@@ -80,15 +131,16 @@ class Runtime:
 
     def stop_batches(self) -> None:
         """Before the process exits: finish the batches in flight, claim no more."""
-        if "batches" in self.__dict__:
-            self.batches.close()
+        if "loops" in self.__dict__:
+            self.loops.stop()
 
     def reset(self) -> None:
         """Drop connections (after a fork: a child must not share its parent's sockets).
 
-        A fork copies no threads either: the child starts its own batch threads on first use.
+        A fork copies no threads either: the child starts its own loops on first use.
         """
-        for name in ("engine", "sessions", "ollama", "batches", "column_dimensions"):
+        for name in ("engine", "sessions", "ollama", "redis", "crashes", "loops",
+                     "column_dimensions"):  # fmt: skip
             resource = self.__dict__.pop(name, None)
             if isinstance(resource, Engine):
                 resource.dispose(close=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 from celery import Celery
@@ -84,9 +85,17 @@ def create_app(settings: Settings) -> Celery:
 
 
 @worker_process_init.connect
-def _fresh_connections(**_: Any) -> None:
+def _start_pool_process(**_: Any) -> None:
     # A forked pool process must not reuse the parent's database or HTTP sockets.
-    runtime.current().reset()
+    rt = runtime.current()
+    rt.reset()
+    # The recovery pass: runs whose items no live batch holds (their worker died, their jobs
+    # wait in its unacked messages for the visibility timeout) get a loop here, now and while
+    # they stay open, without beat.
+    interval = rt.settings.recovery_interval_seconds
+    threading.Thread(
+        target=rt.loops.recover_every, args=(interval,), name="run-recovery", daemon=True
+    ).start()
 
 
 @worker_process_shutdown.connect

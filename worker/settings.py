@@ -55,10 +55,13 @@ class Settings(BaseSettings):
     embedding_dimensions: int = Field(default=768, ge=1, le=16000)
     default_tenant_id: str = DEFAULT_TENANT
     ollama_timeout_seconds: float = Field(default=10.0, gt=0)
+    ollama_max_concurrency: int = Field(default=1, ge=1, le=64)
     embed_max_retries: int = Field(default=8, ge=0)
     embed_retry_backoff_seconds: float = Field(default=2.0, gt=0)
     embed_retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
     embed_batch_size: int = Field(default=32, ge=1, le=512)
+    embed_max_deliveries: int = Field(default=3, ge=1)
+    recovery_interval_seconds: float = Field(default=10.0, gt=0)
     backfill_chunk_size: int = Field(default=500, ge=1)
     reconcile_interval_seconds: float = Field(default=600.0, gt=0)
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)

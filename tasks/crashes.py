@@ -1,0 +1,56 @@
+"""Embeddings begun and not ended, per item: what a worker process was doing when it died.
+
+A process counts each item it starts embedding and clears the count when the item's batch ends
+in any way it survives (written, failed, rolled back). A count that stays is a death: the
+process was killed (out of memory, a crash in native code) while holding the item. Counts live
+in Redis, so every worker of the deployment sees them, and expire a day after their last use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+APP_JOBS = "app"  # the key for jobs outside any run
+
+
+class CrashCounts:
+    """Per run (or APP_JOBS), per skill: how many processes died while embedding it."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "embedder:unfinished") -> None:
+        self._redis = client
+        self._prefix = prefix
+
+    def _key(self, run_id: str | None) -> str:
+        return f"{self._prefix}:{run_id or APP_JOBS}"
+
+    def deaths(self, run_id: str | None, skill_ids: Sequence[str]) -> dict[str, int]:
+        if not skill_ids:
+            return {}
+        counts = self._redis.hmget(self._key(run_id), list(skill_ids))
+        return {s: int(c) for s, c in zip(skill_ids, counts, strict=True) if c is not None}
+
+    def begin(self, run_id: str | None, skill_ids: Sequence[str]) -> None:
+        if not skill_ids:
+            return
+        key = self._key(run_id)
+        pipe = self._redis.pipeline(transaction=False)
+        for skill_id in skill_ids:
+            pipe.hincrby(key, skill_id, 1)
+        pipe.expire(key, 86400)
+        pipe.execute()
+
+    def end(self, run_id: str | None, skill_ids: Sequence[str], *, done: bool) -> None:
+        """The items' batch ended and this process lives: done, they are cleared; else the count
+        goes back to the deaths alone."""
+        if not skill_ids:
+            return
+        key = self._key(run_id)
+        if done:
+            self._redis.hdel(key, *skill_ids)
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for skill_id in skill_ids:
+            pipe.hincrby(key, skill_id, -1)
+        pipe.execute()

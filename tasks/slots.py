@@ -1,0 +1,96 @@
+"""Ollama's slots across the deployment: at most N requests in flight to one URL, via Redis.
+
+Ollama serves an embedding model one request at a time; a second caller only queues inside it,
+where a timeout counts against the caller. Every worker process, on any host, takes a slot
+before it posts to a URL. A slot is a redis-py lock with a lease (one request timeout plus a
+margin), so a process that dies holding one frees it by itself.
+
+A caller marked urgent (a job from the app) registers while it waits; callers that are not
+urgent (backfill batches) take no slot while an urgent one waits for the same URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+from redis.lock import Lock
+
+from tasks.errors import OllamaUnavailable
+
+# Between two tries for a busy slot: short against a batch's ~150 ms, long enough that a few
+# waiters do not load Redis.
+POLL_SECONDS = 0.004
+
+
+class OllamaSlots:
+    """Deployment-wide slots per Ollama URL; `hold(url, urgent=...)` around each request."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        limit: int,
+        lease_seconds: float,
+        wait_seconds: float,
+        prefix: str = "embedder:ollama",
+    ) -> None:
+        self._redis = client
+        self.limit = limit
+        self.lease_seconds = lease_seconds
+        self.wait_seconds = wait_seconds
+        self._prefix = prefix
+
+    def _locks(self, url: str) -> list[Lock]:
+        return [
+            self._redis.lock(f"{self._prefix}:{url}:slot:{i}", timeout=self.lease_seconds)
+            for i in range(self.limit)
+        ]
+
+    @contextmanager
+    def hold(self, url: str, *, urgent: bool) -> Iterator[None]:
+        """Wait for one of the URL's slots (urgent callers first), hold it for the block."""
+        try:
+            lock = self._acquire(url, urgent=urgent)
+        except redis.RedisError as exc:
+            raise OllamaUnavailable(
+                f"cannot take a turn on Ollama at {url}: Redis did not answer ({exc})"
+            ) from exc
+        try:
+            yield
+        finally:
+            # The lease may have run out first (or Redis gone away): the lock is gone either way.
+            with contextlib.suppress(redis.RedisError):
+                lock.release()
+
+    def _acquire(self, url: str, *, urgent: bool) -> Lock:
+        waiting = f"{self._prefix}:{url}:urgent"
+        me = uuid.uuid4().hex
+        deadline = time.monotonic() + self.wait_seconds
+        try:
+            while True:
+                now = time.time()
+                if urgent:
+                    # Scored by when the entry stops counting: a waiter that died drops out.
+                    pipe = self._redis.pipeline()
+                    pipe.zremrangebyscore(waiting, "-inf", now)
+                    pipe.zadd(waiting, {me: now + self.lease_seconds})
+                    pipe.execute()
+                if urgent or not self._redis.zcount(waiting, now, "+inf"):
+                    for lock in random.sample(self._locks(url), self.limit):
+                        if lock.acquire(blocking=False):
+                            return lock
+                if time.monotonic() > deadline:
+                    raise OllamaUnavailable(
+                        f"Ollama at {url} stayed busy for {self.wait_seconds:.0f} s"
+                        f" (all {self.limit} of its slots taken): is another worker stuck?"
+                    )
+                time.sleep(POLL_SECONDS)
+        finally:
+            if urgent:
+                self._redis.zrem(waiting, me)
