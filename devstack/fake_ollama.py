@@ -54,6 +54,44 @@ _KNOBS: dict[str, tuple[type, ...]] = {
 }
 
 
+class Gate:
+    """Holds /api/embed requests (those with an input containing `match`, or all) unanswered
+    until `release()`, so a test can act (kill a worker, cut a connection) while they wait."""
+
+    def __init__(self, match: str | None, halt: threading.Event) -> None:
+        self.match = match
+        self._changed = threading.Condition()
+        self._halt = halt
+        self._open = False
+        self.held = 0  # requests that have reached the gate, released or not
+
+    def matches(self, inputs: list[str]) -> bool:
+        return self.match is None or any(self.match in text for text in inputs)
+
+    def wait_held(self, count: int = 1, timeout: float = 60.0) -> None:
+        """Block until `count` requests wait at the gate; TimeoutError if they do not come."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.held >= count, timeout):
+                raise TimeoutError(f"{self.held} of {count} requests reached the gate")
+
+    def release(self) -> None:
+        """Answer every request held, and let later ones through."""
+        with self._changed:
+            self._open = True
+            self._changed.notify_all()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def pass_through(self) -> None:
+        with self._changed:
+            self.held += 1
+            self._changed.notify_all()
+            while not (self._open or self._halt.is_set()):
+                self._changed.wait(0.05)
+
+
 @dataclass(frozen=True)
 class _Fault:
     kind: str  # "fail" | "hang" | "drop" | "corrupt" | "none"
@@ -90,6 +128,7 @@ class FakeOllama:
         self._server: _Server | None = None
         self._connections: set[socket.socket] = set()
         self._faults: deque[_Fault] = deque()
+        self._gates: list[Gate] = []
         self._waiting = self._in_flight = 0
         self.reset()
 
@@ -161,6 +200,26 @@ class FakeOllama:
             raise ValueError(f"kind must be one of {sorted(wire.CORRUPTIONS)}, not {kind!r}")
         self._queue(count, _Fault("corrupt", corruption=kind))
 
+    def hold(self, match: str | None = None) -> Gate:
+        """Hold every /api/embed request (or those with an input containing `match`) unanswered
+        until the returned gate is released."""
+        gate = Gate(match, self._halt)
+        with self._lock:
+            self._gates.append(gate)
+        return gate
+
+    def _gate_for(self, body: bytes) -> Gate | None:
+        with self._lock:
+            self._gates = [gate for gate in self._gates if not gate.is_open]
+            gates = list(self._gates)
+        if not gates:
+            return None
+        try:
+            inputs = wire.parse_embed(body).inputs
+        except wire.Rejected:
+            return None
+        return next((gate for gate in gates if gate.matches(inputs)), None)
+
     def _queue(self, count: int, fault: _Fault) -> None:
         if not isinstance(count, int) or count < 0:
             raise ValueError(f"count must be an int >= 0, not {count!r}")
@@ -170,6 +229,9 @@ class FakeOllama:
     def reset(self) -> None:
         """Clear pending faults and stats; knobs stay as they are."""
         with self._lock:
+            for gate in self._gates:
+                gate.release()
+            self._gates = []
             self._faults.clear()
             self._requests = self._inputs = 0
             self._texts: list[str] = []
@@ -228,6 +290,9 @@ class FakeOllama:
             self._in_flight += 1
             self._max_concurrent = max(self._max_concurrent, self._in_flight)
         reply: _Reply | None = None
+        gate = self._gate_for(body)
+        if gate is not None:
+            gate.pass_through()
         try:
             if fault.kind == "fail":
                 reply = (

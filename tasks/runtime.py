@@ -19,8 +19,6 @@ from tasks.slots import OllamaSlots
 if TYPE_CHECKING:
     from tasks.batching import RunLoops
 
-# Beyond one Ollama request, the margin a slot's lease gives a live holder to answer and let go.
-SLOT_MARGIN_SECONDS = 5.0
 
 
 class TaskSettings(Protocol):
@@ -79,8 +77,10 @@ class Runtime:
 
     @property
     def slot_lease_seconds(self) -> float:
-        """How long a slot outlives a holder that died: one request timeout plus a margin."""
-        return self.settings.ollama_timeout_seconds + SLOT_MARGIN_SECONDS
+        """How long a slot outlives a holder that died: one request timeout plus a margin for a
+        live holder to read the answer and let go (half the timeout, at least a second)."""
+        timeout = self.settings.ollama_timeout_seconds
+        return timeout + max(1.0, timeout / 2)
 
     @property
     def claim_seconds(self) -> float:
