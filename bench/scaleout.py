@@ -149,29 +149,41 @@ class LogTail:
 # CPU
 
 
-def _own_cpu(process: psutil.Process) -> float:
-    """user + system of the process and of its children it has waited for."""
-    t = process.cpu_times()
-    return float(t.user + t.system + t.children_user + t.children_system)
+@dataclass(frozen=True)
+class Proc:
+    ppid: int
+    own: float  # user + system of the process itself
+    reaped: float  # user + system of its children it has waited for
 
 
-def process_cpu(pid: int, part: str) -> float | None:
-    """CPU seconds of `pid` ("root"), of its descendants ("descendants"), of both ("tree"), or
-    of this process's own threads without its children ("self")."""
-    try:
-        if part == "self":
-            t = psutil.Process().cpu_times()
-            return float(t.user + t.system)
-        root = psutil.Process(pid)
-        total = _own_cpu(root) if part != "descendants" else 0.0
-        children = root.children(recursive=True) if part != "root" else []
-    except psutil.Error:
-        return None
-    for child in children:
-        # One gone between the listing and the read is in its parent's children_* later.
-        with contextlib.suppress(psutil.Error):
-            total += _own_cpu(child)
-    return total
+def snapshot() -> dict[tuple[int, float], Proc]:
+    """Every process on the machine, keyed by (pid, create time): one pass over /proc."""
+    procs: dict[tuple[int, float], Proc] = {}
+    for process in psutil.process_iter(["ppid", "create_time", "cpu_times"]):
+        info = process.info
+        times = info["cpu_times"]
+        if times is None or info["ppid"] is None:
+            continue  # gone, or not readable
+        procs[(process.pid, float(info["create_time"] or 0.0))] = Proc(
+            int(info["ppid"]),
+            float(times.user + times.system),
+            float(times.children_user + times.children_system),
+        )
+    return procs
+
+
+def descendants(procs: dict[tuple[int, float], Proc], root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for (pid, _), proc in procs.items():
+        children.setdefault(proc.ppid, []).append(pid)
+    found: set[int] = set()
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
 
 
 def machine_busy() -> tuple[float, float, float]:
@@ -192,10 +204,12 @@ class Sample:
 class CpuSampler(threading.Thread):
     """Every SAMPLE_SECONDS: the machine's CPU and each component's cumulative CPU seconds.
 
-    `components` maps a name to (pid, part), part as in `process_cpu`. A component whose
-    process is gone keeps its last value. Every other process on the machine (not one of the
-    components' trees) is tracked too, by its own user + system time, so a machine shared with
-    other work shows as such rather than as our load."""
+    `components` maps a name to (pid, part): "root" is the process itself plus the children
+    it has reaped, "descendants" its live descendants (each with what it reaped), "tree" both,
+    "self" this process's own threads only (its children are components of their own). A
+    component whose processes are gone keeps its last value. Every other process on the
+    machine is tracked too, by its own user + system time, so a machine shared with other work
+    shows as such rather than as our load."""
 
     def __init__(self, components: dict[str, tuple[int, str]]) -> None:
         super().__init__(daemon=True, name="cpu-sampler")
@@ -208,56 +222,52 @@ class CpuSampler(threading.Thread):
         self._wall_t0 = time.time()
         self._others_first: dict[tuple[int, float], float] = {}
         self._others_last: dict[tuple[int, float], float] = {}
-        self.others_names: dict[tuple[int, float], str] = {}
+        self._others_names: dict[tuple[int, float], str] = {}
         self._machine = machine_busy()
         self.machine_start = self.machine_end = self._machine
         self.sample()
 
     def sample(self) -> None:
+        procs = snapshot()
+        by_pid = {pid: proc for (pid, _), proc in procs.items()}
+        ours = {os.getpid(), *descendants(procs, os.getpid())}
         cpu: dict[str, float] = {}
-        for name, (pid, part) in self.components.items():
-            value = process_cpu(pid, part)
-            cpu[name] = self._last.get(name, 0.0) if value is None else value
+        for name, (root, part) in self.components.items():
+            below = descendants(procs, root) if part in ("descendants", "tree") else set()
+            ours |= below | {root}
+            if root not in by_pid:
+                cpu[name] = self._last.get(name, 0.0)
+                continue
+            value = by_pid[root].own if part == "self" else 0.0
+            if part in ("root", "tree"):
+                value += by_pid[root].own + by_pid[root].reaped
+            value += sum(by_pid[pid].own + by_pid[pid].reaped for pid in below if pid in by_pid)
+            cpu[name] = value
         self._last = cpu
-        self._sample_others()
+        for key, proc in procs.items():
+            if key[0] in ours:
+                continue
+            if key not in self._others_first:
+                # Born after the first sample: all of its time is the run's.
+                self._others_first[key] = 0.0 if key[1] > self._wall_t0 else proc.own
+                with contextlib.suppress(psutil.Error):
+                    command = " ".join(psutil.Process(key[0]).cmdline())[:100]
+                    self._others_names[key] = command or f"pid {key[0]}"
+            self._others_last[key] = proc.own
         now = machine_busy()
         busy, total = now[0] - self._machine[0], now[1] - self._machine[1]
         self._machine = now
         pct = 100.0 * CORES * busy / total if total > 0 else 0.0
         self.samples.append(Sample(time.monotonic() - self._t0, pct, cpu))
 
-    def _our_pids(self) -> set[int]:
-        pids: set[int] = set()
-        for pid in {pid for pid, _ in self.components.values()}:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                pids |= {pid, *(child.pid for child in root.children(recursive=True))}
-        return pids
-
-    def _sample_others(self) -> None:
-        ours = self._our_pids()
-        for process in psutil.process_iter(["pid", "create_time", "cpu_times", "name"]):
-            info = process.info
-            if info["pid"] in ours or info["cpu_times"] is None:
-                continue
-            key = (int(info["pid"]), float(info["create_time"] or 0.0))
-            value = float(info["cpu_times"].user + info["cpu_times"].system)
-            if key not in self._others_first:
-                # Born after the first sample: all of its time is the run's.
-                self._others_first[key] = 0.0 if key[1] > self._wall_t0 else value
-                name = str(info["name"])
-                with contextlib.suppress(psutil.Error):
-                    name = " ".join(process.cmdline())[:100] or name
-                self.others_names[key] = name
-            self._others_last[key] = value
-
     def others(self) -> list[tuple[str, float]]:
         """(command, CPU seconds since the first sample) of other processes, most first."""
-        used = [
-            (self.others_names[key], last - self._others_first[key])
-            for key, last in self._others_last.items()
-        ]
-        return sorted((u for u in used if u[1] > 0), key=lambda u: -u[1])
+        used = []
+        for key, last in self._others_last.items():
+            seconds = last - self._others_first[key]
+            if seconds > 0:
+                used.append((self._others_names.get(key, f"pid {key[0]}"), seconds))
+        return sorted(used, key=lambda u: -u[1])
 
     def run(self) -> None:
         started = time.thread_time()
