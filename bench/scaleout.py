@@ -390,6 +390,7 @@ class RunTiming:
     summary: str = ""
     call_output: str = ""
     worker_pids: dict[str, int] = field(default_factory=dict)
+    run: dict[str, Any] | None = None
 
 
 def run_configuration(servers: Servers, workers: int, options: Options) -> dict[str, Any]:
@@ -428,7 +429,7 @@ def run_configuration(servers: Servers, workers: int, options: Options) -> dict[
     finally:
         for worker in started_workers:
             worker.stop()
-    run = run_row(servers.engine)
+    run = timing.run
     return {
         "workers": workers,
         **describe_timing(timing, run, options.skills),
@@ -490,6 +491,7 @@ def timed_backfill(
             break
         time.sleep(POLL_SECONDS)
     timing.seconds = time.monotonic() - started
+    timing.run = run_row(servers.engine)  # the run as the clock stopped (a timeout's progress)
     sampler.stop()
     main_cpu = time.thread_time() - main_before
     if call.poll() is None:
@@ -513,7 +515,11 @@ def describe_timing(timing: RunTiming, run: dict[str, Any] | None, skills: int) 
     return {
         "status": timing.status,
         "seconds": round(timing.seconds, 3),
-        "skills_per_s": round(current / timing.seconds, 1) if timing.seconds else 0.0,
+        # A run that did not close has no rate: its progress is in "run".
+        "skills_per_s": (
+            round(current / timing.seconds, 1) if timing.seconds and timing.status == "ok" else 0.0
+        ),
+        "progress": f"{current}/{run['total'] if run else '?'}",
         "call_seconds": round(timing.call_seconds, 3),
         "run_seconds_in_db": round(run["seconds"], 3) if run else None,
         "detected_by": timing.detected_by,
@@ -695,7 +701,8 @@ def report(results: dict[str, Any]) -> None:
             else ""
         )
         table.add_row(
-            str(c["workers"]), c["status"], c["summary"].removeprefix("Done. "),
+            str(c["workers"]), c["status"],
+            c["summary"].removeprefix("Done. ") or f"{c['progress']} when stopped",
             f"{c['seconds']:.2f}",
             f"{c['skills_per_s']:.1f}", speedup,
             f"{c['run_seconds_in_db']:.2f} s" if c["run_seconds_in_db"] is not None else "",
