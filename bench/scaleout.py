@@ -624,6 +624,7 @@ def describe_cpu(
             {k: round(1000 * v / current, 3) for k, v in components.items()} if current else {}
         ),
         "workers_total_s": round(workers_cpu, 3),
+        "other_processes_count": len(others),
         "other_processes_top": [
             {"command": command, "cpu_s": round(seconds, 3)} for command, seconds in others[:5]
         ],
@@ -652,8 +653,9 @@ def limit_line(config: dict[str, Any]) -> str:
     if cpu["wall_s"] and c["other processes"] >= 0.1 * cpu["capacity_pct"] / 100 * cpu["wall_s"]:
         top = cpu["other_processes_top"][0]
         machine += (
-            f", SHARED: other processes took {c['other processes']:.1f} CPU-s"
-            f" (most: {top['command'][:60]!r} {top['cpu_s']:.1f})"
+            f", SHARED: {cpu['other_processes_count']} other processes took"
+            f" {c['other processes']:.1f} CPU-s (largest: {top['command'][:60]!r}"
+            f" {top['cpu_s']:.1f})"
         )
     busiest = max(ollamas, key=lambda o: o["inputs"])
     slots = ", ".join(f"{o['slot_busy_run_pct']:.0f}%" for o in ollamas)
