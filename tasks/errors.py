@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 
@@ -78,11 +79,15 @@ def database_error(exc: BaseException) -> DatabaseUnavailable | None:
     OperationalError covers a cut or terminated connection, a statement or lock timeout, a
     deadlock and a serialization failure; any error that invalidated the connection counts too.
     """
+    if isinstance(exc, psycopg.OperationalError):  # raw, as SQLAlchemy's pool meets it
+        return DatabaseUnavailable(f"the database failed: {_first_line(exc)}")
     if isinstance(exc, OperationalError) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     ):
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        return DatabaseUnavailable(
-            f"the database failed ({reason}): PostgreSQL will be tried again"
-        )
+        reason = _first_line(exc.orig) if exc.orig else type(exc).__name__
+        return DatabaseUnavailable(f"the database failed: {reason}")
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

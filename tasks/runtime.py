@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from tasks.batching import RunLoops
 
 
-
 class TaskSettings(Protocol):
     """The settings the tasks read; `worker.settings.Settings` provides them."""
 

@@ -72,13 +72,18 @@ class Database:
         with self.admin.begin() as connection:
             connection.execute(sa.text(sql), params)
 
-    def add_tenant(self, tenant_id: str, *, active: bool = True, enabled: bool = True) -> None:
-        """A tenant and its site_settings row (semantic similarity on unless `enabled=False`)."""
+    def add_tenant(
+        self, tenant_id: str, *, active: bool = True, enabled: bool = True, settings: bool = True
+    ) -> None:
+        """A tenant and (unless `settings=False`) its site_settings row, semantic similarity on
+        unless `enabled=False`."""
         self.execute(
             "INSERT INTO tenants (id, name, slug, is_active) VALUES (:id, :id, :id, :active)",
             id=tenant_id,
             active=active,
         )
+        if not settings:
+            return
         self.execute(
             "INSERT INTO site_settings (id, tenant_id, semantic_similarity_enabled)"
             " VALUES (:sid, :tenant, :enabled)",

@@ -1,0 +1,130 @@
+"""Connections to PostgreSQL cut mid-batch (failover, pooler restart, idle killer)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from devstack.fake_ollama import FakeOllama
+from tests.databases import APP_ROLE, TENANT_A, Database
+from tests.processes import Process, start_worker
+from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
+from tests.waiting import wait_until
+
+FAILED_WRITE = re.compile(r"A batch of \d+ items of run \S+ failed while writing")
+
+
+@pytest.fixture
+def busy_worker(
+    embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> Iterator[Process]:
+    ollama.request_latency, ollama.input_latency = 0.0075, 0.0043
+    process = start_worker(embedder_env, tmp_path / "worker.log")
+    yield process
+    process.stop()
+
+
+def cut_worker_connections(db: Database) -> int:
+    """What an operator's failover does: end every backend of the worker's role."""
+    return int(
+        db.scalar(  # type: ignore[arg-type]
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = :role",
+            role=APP_ROLE,
+        )
+    )
+
+
+def assert_run_closed_exactly(db: Database, worker: Process, skills: list[str]) -> None:
+    wait_until(lambda: summaries(worker.log()), timeout=60, what="the summary")
+    assert summaries(worker.log()) == [(len(skills), len(skills), 0)]
+    assert embedded_ids(db) == set(skills)
+    assert db.scalar("SELECT count(*) FROM skill_embeddings") == len(skills)
+    assert db.scalar("SELECT count(*) FROM embedding_run_items WHERE outcome IS NULL") == 0
+    assert "Traceback" not in worker.log()
+
+
+def test_connections_cut_between_ollamas_answer_and_the_write_lose_nothing(
+    db: Database, busy_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 1000)
+    gate = ollama.hold()
+    call_backfill(embedder_env)
+
+    cut = []
+    for _ in range(5):
+        # A batch has claimed its items and waits for its vectors: cut its transaction.
+        gate.wait_held()
+        cut.append(cut_worker_connections(db))
+        gate.release()
+        gate = ollama.hold()
+    gate.release()
+
+    assert cut[0] > 0
+    assert_run_closed_exactly(db, busy_worker, skills)
+    # The first cut, at least, landed on a batch between Ollama's answer and its write.
+    assert FAILED_WRITE.search(busy_worker.log())
+
+
+def waiting_on_locks(db: Database) -> list[str]:
+    """The statements of the worker's backends that wait for a lock."""
+    rows = db.rows(
+        "SELECT query FROM pg_stat_activity WHERE usename = :role AND wait_event_type = 'Lock'",
+        role=APP_ROLE,
+    )
+    return [str(row.query) for row in rows]
+
+
+def test_connections_cut_while_a_batch_records_and_while_one_claims_lose_nothing(
+    db: Database, busy_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 1000)
+    gate = ollama.hold()
+    run_id = call_backfill(embedder_env)
+    gate.wait_held()
+
+    # Recording: a batch's last statements update its run's counts. Hold the run's row, let
+    # the batch write, and cut while it waits to record.
+    with db.admin.connect() as blocker:
+        blocker.execute(
+            sa.text("SELECT 1 FROM embedding_runs WHERE id = :id FOR UPDATE"), {"id": run_id}
+        )
+        gate.release()
+        wait_until(
+            lambda: any("UPDATE embedding_runs" in q for q in waiting_on_locks(db)),
+            what="a batch waiting to record its outcomes",
+        )
+        gate = ollama.hold()
+        assert cut_worker_connections(db) > 0
+        blocker.rollback()
+
+    # Claiming: a table lock granted once the batch in flight ends makes the next claims wait.
+    gate.wait_held()
+    blocker = db.admin.connect()
+    locking = threading.Thread(
+        target=blocker.execute,
+        args=(sa.text("LOCK TABLE embedding_run_items IN EXCLUSIVE MODE"),),
+    )
+    locking.start()
+    gate.release()
+    try:
+        wait_until(
+            lambda: any("FOR UPDATE SKIP LOCKED" in q for q in waiting_on_locks(db)),
+            what="a batch waiting to claim",
+        )
+        locking.join()
+        assert cut_worker_connections(db) > 0
+    finally:
+        locking.join()
+        blocker.rollback()
+        blocker.close()
+
+    assert_run_closed_exactly(db, busy_worker, skills)
+    assert FAILED_WRITE.search(busy_worker.log())
+    assert "Could not claim a batch of run" in busy_worker.log()
