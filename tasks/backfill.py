@@ -18,6 +18,8 @@ from tasks.errors import (
     OllamaNotReady,
     UnknownTenant,
 )
+from tasks.failures import record_failure
+from tasks.metrics import count_job_outcome, count_outcomes, count_run_outcomes
 from tasks.queues import BULK
 from tasks.runtime import Runtime
 
@@ -39,6 +41,7 @@ class ProgressLog:
     def finished(self, outcome: str, name: str) -> None:
         """A job outside any run (a run's outcomes are recorded by `finished_many`)."""
         logger.info("%s: %s", outcome.capitalize(), name)
+        count_job_outcome(outcome)
 
     def finished_many(self, run_id: str, items: Sequence[tuple[str, str, str]]) -> None:
         """(skill_id, outcome, name) of jobs done together: one write, one line each."""
@@ -49,6 +52,7 @@ class ProgressLog:
             recorded = runs.record_outcomes(
                 session, run_id, [(skill_id, outcome, None) for skill_id, outcome, _ in items]
             )
+        count_run_outcomes(self.rt, run_id, ((s, names[s][0]) for s in recorded.skill_ids))
         first = recorded.state.done - len(recorded.skill_ids)
         for offset, skill_id in enumerate(recorded.skill_ids, start=1):
             outcome, name = names[skill_id]
@@ -60,12 +64,15 @@ class ProgressLog:
 
     def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
         tries = f" after {retries + 1} attempts" if retries else ""
+        tenant = record_failure(self.rt, run_id, skill_id, reason, attempts=retries + 1)
         if run_id is None:
+            count_outcomes(tenant, "failed")
             logger.warning("Failed%s: %s: %s", tries, skill_id, reason)
             return
         with unscoped(self.rt.sessions) as session:
             recorded = runs.record_outcome(session, run_id, skill_id, "failed", reason)
         if recorded is not None:
+            count_outcomes(tenant, "failed")
             state, closed = recorded
             logger.warning(
                 "[%d/%d] Failed%s: %s: %s", state.done, state.total, tries, skill_id, reason

@@ -20,6 +20,7 @@ from tasks.errors import (
     OllamaRejected,
     OllamaUnavailable,
 )
+from tasks.metrics import ollama_request_timer
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class OllamaClient:
 
     def _post(self, path: str, payload: dict[str, Any], *, urgent: bool = True) -> httpx.Response:
         try:
-            with self._turns.turn(urgent=urgent):
+            with self._turns.turn(urgent=urgent), ollama_request_timer():
                 return self._http.post(path, json=payload)
         except httpx.TimeoutException as exc:
             raise OllamaUnavailable(
