@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from tasks import runtime
 from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
@@ -58,7 +58,13 @@ def create_app(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit_seconds,
         # Sorted queue order: "celery" < "embed" < "embed_bulk". Both interactive lanes, the
         # default queue of a producer that names none and the app's own, drain before bulk.
-        task_queues=(Queue(CELERY_DEFAULT), Queue(INTERACTIVE), Queue(BULK)),
+        # "celery" keeps Celery's own exchange and key for it, so that no message routed to
+        # the other queues is also bound to it.
+        task_queues=(
+            Queue(CELERY_DEFAULT, Exchange(CELERY_DEFAULT), routing_key=CELERY_DEFAULT),
+            Queue(INTERACTIVE),
+            Queue(BULK),
+        ),
         task_default_queue=INTERACTIVE,
         broker_transport_options=transport_options,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},

@@ -46,6 +46,18 @@ def use_json(logger: logging.Logger) -> None:
             handler.addFilter(JobContext())
 
 
+def capture_warnings() -> None:
+    """Python warnings as JSON lines too: Celery warns (superuser, ...) before its logging is
+    set up, so they get a handler of their own."""
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not warnings_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(json_formatter())
+        warnings_logger.addHandler(handler)
+        warnings_logger.propagate = False
+
+
 def on_logger_setup(logger: logging.Logger | None = None, **_: Any) -> None:
     """Celery's after_setup_logger / after_setup_task_logger, connected when LOG_FORMAT=json."""
     if logger is not None:

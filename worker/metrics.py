@@ -37,11 +37,6 @@ def prepare_multiprocess_dir(settings: Settings) -> Path:
 
     Samples of an earlier worker's processes would otherwise be summed into this one's.
     """
-    import sys
-
-    if "prometheus_client.values" in sys.modules and MULTIPROC_ENV not in os.environ:
-        # Its mode is chosen at import: a metric created now would not reach the endpoint.
-        logger.warning("prometheus_client was imported before the worker set %s", MULTIPROC_ENV)
     if settings.prometheus_multiproc_dir is not None:
         directory = settings.prometheus_multiproc_dir
         directory.mkdir(parents=True, exist_ok=True)
@@ -50,6 +45,12 @@ def prepare_multiprocess_dir(settings: Settings) -> Path:
     else:
         directory = Path(tempfile.mkdtemp(prefix="everyskill-embedder-metrics-"))
     os.environ[MULTIPROC_ENV] = str(directory)
+    # prometheus_client chooses its value class when first imported, and the `celery` command
+    # imports it before us (Flower's command plugin does): choose again, now that the variable
+    # is set. Metrics created from here on (ours are created on first use) count into files.
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
     return directory
 
 

@@ -40,6 +40,7 @@ def install_observability(app: Celery, settings: Settings) -> None:
             # The startup banner is printed, not logged: it would break one-object-a-line.
             if instance is not None:
                 instance.quiet = True
+            logs.capture_warnings()
 
         celeryd_init.connect(quiet_banner, weak=False, dispatch_uid="embedder-quiet")
     if settings.metrics_port is None:
