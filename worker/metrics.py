@@ -50,7 +50,7 @@ def prepare_multiprocess_dir(settings: Settings) -> Path:
     # is set. Metrics created from here on (ours are created on first use) count into files.
     from prometheus_client import values
 
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     return directory
 
 
