@@ -18,6 +18,8 @@ from tasks.errors import (
     OllamaNotReady,
     UnknownTenant,
 )
+from tasks.failures import record_failure
+from tasks.metrics import count_job_outcome, count_outcomes
 from tasks.queues import BULK
 from tasks.retry import describe
 from tasks.runtime import Runtime
@@ -40,18 +42,24 @@ class ProgressLog:
     def finished(self, outcome: str, name: str) -> None:
         """A job outside any run (a run's outcomes are recorded by its batches)."""
         logger.info("%s: %s", outcome.capitalize(), name)
+        count_job_outcome(outcome)
 
-    def recorded(self, recorded: runs.Recorded, results: Mapping[str, Result]) -> None:
+    def recorded(
+        self, recorded: runs.Recorded, results: Mapping[str, Result], tenants: Mapping[str, str]
+    ) -> None:
         """One line per outcome a batch has just committed, and the summary if it ended the run."""
         state = recorded.state
         first = state.done - len(recorded.skill_ids)
         for number, skill_id in enumerate(recorded.skill_ids, start=first + 1):
             result = results[skill_id]
-            ids = {"skill_id": skill_id, "run_id": state.id}
+            tenant = tenants[skill_id]
+            ids = {"skill_id": skill_id, "run_id": state.id, "tenant_id": tenant}
             if isinstance(result, Embedded):
+                count_outcomes(tenant, result.outcome.value)
                 outcome = result.outcome.value.capitalize()
                 logger.info("[%d/%d] %s: %s", number, state.total, outcome, result.name, extra=ids)
             else:
+                count_outcomes(tenant, runs.FAILED)
                 logger.warning(
                     "[%d/%d] Failed: %s: %s", number, state.total, skill_id, describe(result),
                     extra=ids,
@@ -61,12 +69,15 @@ class ProgressLog:
 
     def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
         tries = f" after {retries + 1} attempts" if retries else ""
+        tenant = record_failure(self.rt, run_id, skill_id, reason, attempts=retries + 1)
         if run_id is None:
+            count_outcomes(tenant, "failed")
             logger.warning("Failed%s: %s: %s", tries, skill_id, reason)
             return
         with unscoped(self.rt.sessions) as session:
             recorded = runs.record_outcome(session, run_id, skill_id, "failed", reason)
         if recorded is not None:
+            count_outcomes(tenant, "failed")
             state, closed = recorded
             logger.warning(
                 "[%d/%d] Failed%s: %s: %s", state.done, state.total, tries, skill_id, reason

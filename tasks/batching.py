@@ -143,7 +143,10 @@ def write(batch: RunBatch) -> list[Result]:
         raise
     finally:
         batch.end(written=written)
-    ProgressLog(batch.rt).recorded(recorded, dict(zip(batch.skill_ids, results, strict=True)))
+    tenants = {r.skill_id: r.tenant_id or "" for r in batch.work.requests}
+    ProgressLog(batch.rt).recorded(
+        recorded, dict(zip(batch.skill_ids, results, strict=True)), tenants
+    )
     return results
 
 

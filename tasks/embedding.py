@@ -11,7 +11,7 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import services
+from db import failures, services
 from db.models import PUBLISHED, SkillEmbedding
 from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.errors import (
@@ -359,6 +359,7 @@ def _write(
         )
         outcomes.append((item, Outcome.EMBEDDED))
     services.upsert_skill_embeddings(session, _dedupe(rows))
+    failures.clear_failures(session, [str(row["skill_id"]) for row in rows])
     return outcomes
 
 

@@ -20,6 +20,7 @@ from tasks.errors import (
     OllamaRejected,
     OllamaUnavailable,
 )
+from tasks.metrics import ollama_request_timer
 from tasks.slots import OllamaSlots
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class OllamaClient:
         self, path: str, payload: dict[str, Any], *, urgent: bool = True, turn: bool = True
     ) -> httpx.Response:
         try:
-            with self._turn(urgent=urgent) if turn else nullcontext():
+            with self._turn(urgent=urgent) if turn else nullcontext(), ollama_request_timer():
                 return self._http.post(path, json=payload)
         except httpx.TimeoutException as exc:
             raise OllamaUnavailable(

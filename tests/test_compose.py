@@ -146,15 +146,19 @@ def test_every_service_waited_on_while_running_has_a_healthcheck(
         assert not healthcheck.get("disable", False), f"{name} has its healthcheck disabled"
 
 
-def test_worker_healthcheck_pings_its_own_node(services: dict[str, dict[str, Any]]) -> None:
+def test_worker_healthcheck_asks_for_the_heartbeat_of_its_own_consumer(
+    services: dict[str, dict[str, Any]],
+) -> None:
     healthcheck = services["worker"]["healthcheck"]
-    # "$$" survives compose interpolation as "$", so the container's shell expands HOSTNAME.
-    assert healthcheck["test"] == [
-        "CMD-SHELL",
-        "celery -A worker inspect ping -d celery@$$HOSTNAME",
-    ]
+    assert healthcheck["test"] == ["CMD", "python", "-m", "worker", "health"]
     assert healthcheck["interval"]
     assert healthcheck["timeout"]
+
+
+def test_worker_serves_metrics_on_loopback(services: dict[str, dict[str, Any]]) -> None:
+    worker = services["worker"]
+    assert environment(worker)["METRICS_PORT"] == "${METRICS_PORT:-9808}"
+    assert worker["ports"] == ["127.0.0.1:${METRICS_PORT:-9808}:${METRICS_PORT:-9808}"]
 
 
 @pytest.mark.parametrize("name", ONE_SHOT_SERVICES)

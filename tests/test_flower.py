@@ -16,7 +16,7 @@ from devstack.ports import free_port, wait_for_port
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tasks import enqueue_embed_skill
-from tasks.queues import BULK, EMBED_SKILL, INTERACTIVE
+from tasks.queues import BULK, CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, celery
 from tests.waiting import wait_until
@@ -159,7 +159,7 @@ def test_flower_shows_the_worker_online_with_its_queues(
 
     assert list(workers) == [watched_worker]
     info = workers[watched_worker]
-    assert {queue["name"] for queue in info["active_queues"]} == {INTERACTIVE, BULK}
+    assert {queue["name"] for queue in info["active_queues"]} == {CELERY_DEFAULT, INTERACTIVE, BULK}
     assert EMBED_SKILL in info["registered"]
     assert info["stats"]["pool"]["max-concurrency"] == 1
 

@@ -155,3 +155,41 @@ def test_node_without_redis_fails_within_two_seconds_with_one_line(script: Path)
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: could not enqueue {EMBED_SKILL} for skill-1: ")
     assert "ECONNREFUSED" in lines[0]
+
+
+NO_QUEUE_SCRIPT = """
+import { createClient } from "celery-node";
+
+// No queue option: celery-node sends to Celery's default queue, "celery". The connection
+// stays open; the test stops this process once the skill is embedded.
+const [skillId, tenantId] = process.argv.slice(2);
+const client = createClient(process.env.REDIS_URL, process.env.REDIS_URL);
+client.createTask("tasks.embed_skill").applyAsync([skillId], { tenant_id: tenantId });
+console.log("sent");
+"""
+
+
+def test_a_skill_queued_from_node_without_a_queue_option_is_embedded(
+    db: Database, worker: Process, redis_url: str, script: Path
+) -> None:
+    db.add_tenant(TENANT_A)
+    skill = db.add_skill(TENANT_A, "Review pull requests", "Flag risky changes before merge")
+    producer = script.parent / "no-queue.mjs"
+    producer.write_text(NO_QUEUE_SCRIPT)
+
+    node = subprocess.Popen(
+        ["node", producer.name, skill, TENANT_A],
+        cwd=script.parent,
+        env={**os.environ, "REDIS_URL": redis_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        text = skill_text("Review pull requests", "Flag risky changes before merge")
+        wait_until(lambda: row_hash(db, skill) == input_hash(text), what="the embedding row")
+    finally:
+        node.terminate()
+        node.wait(10)
+
+    wait_until(lambda: "Embedded: Review pull requests" in worker.log(), what="the log line")
+    assert "Traceback" not in worker.log()

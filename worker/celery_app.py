@@ -10,11 +10,12 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from tasks import runtime
 from tasks.errors import database_error
-from tasks.queues import BULK, INTERACTIVE
+from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
+from worker.observability import install_observability
 from worker.settings import ConfigError, Settings, mask_url
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def create_app(settings: Settings) -> Celery:
     transport_options: dict[str, Any] = {
         # Longer than any job, including a retry's countdown that the worker holds unacked.
         "visibility_timeout": settings.broker_visibility_timeout_seconds,
-        # Drain queues in name order: "embed" (the app's jobs) before "embed_bulk" (backfill).
+        # Drain queues in name order: "celery" and "embed" (the app's jobs) before "embed_bulk".
         "queue_order_strategy": "sorted",
         "unacked_restore_interval": min(10, settings.broker_visibility_timeout_seconds),
         "unacked_restore_throttle": 1,
@@ -77,7 +78,15 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_time_limit=settings.task_time_limit_seconds,
-        task_queues=(Queue(INTERACTIVE), Queue(BULK)),
+        # Sorted queue order: "celery" < "embed" < "embed_bulk". Both interactive lanes, the
+        # default queue of a producer that names none and the app's own, drain before bulk.
+        # "celery" keeps Celery's own exchange and key for it, so that no message routed to
+        # the other queues is also bound to it.
+        task_queues=(
+            Queue(CELERY_DEFAULT, Exchange(CELERY_DEFAULT), routing_key=CELERY_DEFAULT),
+            Queue(INTERACTIVE),
+            Queue(BULK),
+        ),
         task_default_queue=INTERACTIVE,
         broker_transport_options=transport_options,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
@@ -99,6 +108,7 @@ def create_app(settings: Settings) -> Celery:
         # Flower reads FLOWER_BASIC_AUTH from its own environment only, never app.conf; this
         # carries a value that came from .env over to it (it loads the app before reading).
         os.environ.setdefault("FLOWER_BASIC_AUTH", settings.flower_basic_auth)
+    install_observability(app, settings)
     logger.debug(
         "broker %s, database %s", mask_url(settings.redis_url), settings.masked_database_url
     )

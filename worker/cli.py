@@ -1,8 +1,9 @@
-"""`python -m worker ...`: migrate, status, backfill."""
+"""`python -m worker ...`: migrate, status, backfill, health."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -41,10 +42,36 @@ def _console() -> Console:
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from tasks import runtime
-    from worker.operations import print_status
 
-    print_status(runtime.install(settings), _console())
+    rt = runtime.install(settings)
+    if args.failures:
+        from worker.failures_report import failure_report, failures_document, print_failures
+
+        report = failure_report(rt)
+        if args.json:
+            print(json.dumps(failures_document(report), indent=2))
+        else:
+            print_failures(report, _console())
+        return 0
+    from worker.operations import print_status, status_document
+
+    if args.json:
+        print(json.dumps(status_document(rt), indent=2))
+    else:
+        print_status(rt, _console())
     return 0
+
+
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.health import check_heartbeat, check_readiness
+
+    checks = [check_heartbeat(settings, args.hostname)]
+    if args.ready:
+        checks += check_readiness(settings)
+    failing = [check for check in checks if check.problem is not None]
+    for check in failing or checks:
+        print(check.line, file=sys.stderr if failing else sys.stdout)
+    return 1 if failing else 0
 
 
 def _backfill(settings: Settings, args: argparse.Namespace) -> int:
@@ -73,7 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("migrate", help="create the worker's tables (and the app's, where missing)")
-    commands.add_parser("status", help="per tenant: published, embedded, stale, missing; the run")
+    status = commands.add_parser(
+        "status", help="per tenant: published, embedded, stale, missing; the run"
+    )
+    status.add_argument(
+        "--failures", action="store_true", help="failed skills: the last run's, and outside runs"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON document, stable keys")
+    health = commands.add_parser(
+        "health", help="exit 0 when this host's worker consumes (liveness)"
+    )
+    health.add_argument(
+        "--ready", action="store_true", help="also Redis, PostgreSQL and each Ollama with its model"
+    )
+    health.add_argument(
+        "--hostname", help="the worker's node name (default: the one that beat last on this host)"
+    )
     backfill = commands.add_parser("backfill", help="queue tasks.backfill (like `celery call`)")
     backfill.add_argument("--tenant", help="only this tenant (default: every active tenant)")
     backfill.add_argument("--force", action="store_true", help="re-embed even current skills")
@@ -82,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HANDLERS = {"migrate": _migrate, "status": _status, "backfill": _backfill}
+HANDLERS = {"migrate": _migrate, "status": _status, "backfill": _backfill, "health": _health}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from db import runs, services
+from db import failures, runs, services
 from db.session import tenant_scope, unscoped
 from tasks.embedding import tenant_config
 from tasks.runtime import Runtime
@@ -69,10 +70,79 @@ def describe_run(state: runs.RunState | None) -> str:
     )
 
 
+def describe_oldest_pending(oldest: failures.OldestPending | None) -> str:
+    if oldest is None:
+        return "No item is pending."
+    return (
+        f"Oldest pending item: {oldest.skill_id} of backfill {oldest.run_id},"
+        f" waiting {format_age(oldest.age_seconds)}"
+    )
+
+
+def format_age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def print_status(rt: Runtime, console: Console) -> None:
     console.print(coverage_table(coverage_report(rt)))
     with unscoped(rt.sessions) as session:
         console.print(describe_run(runs.latest_run(session)))
+        console.print(describe_oldest_pending(failures.oldest_pending_item(session)))
+
+
+def status_document(rt: Runtime) -> dict[str, Any]:
+    """`status --json`: coverage per tenant, the newest run, the oldest pending item."""
+    report = coverage_report(rt)
+    with unscoped(rt.sessions) as session:
+        run = runs.latest_run(session)
+        pending = runs.pending_count(session, run.id) if run is not None else 0
+        oldest = failures.oldest_pending_item(session)
+    return {
+        "tenants": [
+            {
+                "tenant_id": row.coverage.tenant_id,
+                "semantic_search": row.enabled,
+                "model": row.model,
+                "published": row.coverage.published,
+                "embedded": row.coverage.embedded,
+                "stale": row.coverage.stale,
+                "missing": row.coverage.missing,
+            }
+            for row in report
+        ],
+        "run": None if run is None else run_document(run, pending),
+        "oldest_pending": None
+        if oldest is None
+        else {
+            "run_id": oldest.run_id,
+            "skill_id": oldest.skill_id,
+            "waiting_since": oldest.waiting_since.isoformat(),
+            "age_seconds": round(oldest.age_seconds, 3),
+        },
+    }
+
+
+def run_document(run: runs.RunState, pending: int) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "tenant_id": run.tenant_id,
+        "force": run.force,
+        "total": run.total,
+        "done": run.done,
+        "pending": pending,
+        "embedded": run.embedded,
+        "unchanged": run.unchanged,
+        "failed": run.failed,
+        "skipped": run.skipped,
+        "started_at": run.started_at.isoformat(),
+        "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
+        "summary": run.summary if run.finished_at is not None else None,
+    }
 
 
 class BackfillFailed(Exception):

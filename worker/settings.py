@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from functools import cached_property
+from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
@@ -67,6 +70,12 @@ class Settings(BaseSettings):
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     task_time_limit_seconds: int = Field(default=300, ge=1)
     flower_basic_auth: str | None = None
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # prometheus_client's own variable: where the pool's processes write their samples.
+    prometheus_multiproc_dir: Path | None = None
+    log_format: Literal["text", "json"] = "text"
+    health_dir: Path = Path(tempfile.gettempdir()) / "everyskill-embedder-health"
+    heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
 
     @field_validator("database_url")
     @classmethod
@@ -103,6 +112,11 @@ class Settings(BaseSettings):
         if value and any(":" not in pair for pair in value.split(",")):
             raise ValueError("expected user:password (several separated by commas)")
         return value or None
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _metrics_port(cls, value: object) -> object:
+        return None if value == "" else value  # METRICS_PORT= (empty) means off, like unset
 
     @cached_property
     def masked_database_url(self) -> str:

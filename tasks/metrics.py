@@ -1,0 +1,73 @@
+"""The worker's Prometheus metrics that task code moves (the scrape-time ones are in worker/).
+
+Created on first use, not at import: prometheus_client picks its multiprocess mode when a
+metric is created, from PROMETHEUS_MULTIPROC_DIR, which the worker sets before it forks its
+pool; importing this module from the web app's producer must not create anything either.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tasks.context import job_fields
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
+
+
+UNKNOWN_TENANT = "unknown"
+# Ollama answers a batch in a few hundred ms, a slow one up to the 10 s client timeout.
+OLLAMA_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Metrics:
+    embeddings: Counter
+    ollama_seconds: Histogram
+
+
+_metrics: _Metrics | None = None
+_lock = threading.Lock()
+
+
+def _get() -> _Metrics:
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            from prometheus_client import Counter, Histogram
+
+            _metrics = _Metrics(
+                embeddings=Counter(
+                    "embedder_embeddings",
+                    "Skills whose job ended, by tenant and outcome (embedded, unchanged, failed)",
+                    ["tenant", "outcome"],
+                ),
+                ollama_seconds=Histogram(
+                    "embedder_ollama_request_seconds",
+                    "Time of one request to Ollama, waiting for its answer",
+                    buckets=OLLAMA_BUCKETS,
+                ),
+            )
+        return _metrics
+
+
+def count_outcomes(tenant_id: str | None, outcome: str, n: int = 1) -> None:
+    """`n` skills of `tenant_id` ended with `outcome` (each counted once, where it is recorded)."""
+    if n > 0:
+        _get().embeddings.labels(tenant=tenant_id or UNKNOWN_TENANT, outcome=outcome).inc(n)
+
+
+def count_job_outcome(outcome: str) -> None:
+    """The current job's skill (outside any run) ended with `outcome`."""
+    count_outcomes(job_fields().get("tenant_id"), outcome)
+
+
+@contextmanager
+def ollama_request_timer() -> Iterator[None]:
+    """Times the request inside (an error's time is counted too: a timeout is the slow case)."""
+    with _get().ollama_seconds.time():
+        yield

@@ -1,0 +1,64 @@
+"""`LOG_FORMAT=json`: one JSON object per line, with the job's ids, for a log pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+from tasks.context import job_fields
+
+CONTEXT_FIELDS = ("task_id", "skill_id", "run_id", "tenant_id")
+
+
+class JobContext(logging.Filter):
+    """Adds the current job's task_id, skill_id, run_id and tenant_id to a record.
+
+    Fields the call gave with `extra=` win: a batch thread has no current job and names its
+    own skill and run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        missing = [name for name in CONTEXT_FIELDS if getattr(record, name, None) is None]
+        if missing:
+            fields = job_fields()
+            for name in missing:
+                if name in fields:
+                    setattr(record, name, fields[name])
+        return True
+
+
+def json_formatter() -> logging.Formatter:
+    """time, level, logger, message, then every extra field (the job's ids among them)."""
+    return JsonFormatter(
+        ["levelname", "name", "message"],
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp="time",
+    )
+
+
+def use_json(logger: logging.Logger) -> None:
+    """Give each of the logger's handlers the JSON formatter and the job's context."""
+    for handler in logger.handlers:
+        handler.setFormatter(json_formatter())
+        if not any(isinstance(f, JobContext) for f in handler.filters):
+            handler.addFilter(JobContext())
+
+
+def capture_warnings() -> None:
+    """Python warnings as JSON lines too: Celery warns (superuser, ...) before its logging is
+    set up, so they get a handler of their own."""
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not warnings_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(json_formatter())
+        warnings_logger.addHandler(handler)
+        warnings_logger.propagate = False
+
+
+def on_logger_setup(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Celery's after_setup_logger / after_setup_task_logger, connected when LOG_FORMAT=json."""
+    if logger is not None:
+        use_json(logger)
