@@ -199,7 +199,7 @@ def record_outcomes(
         text(
             """
             UPDATE embedding_run_items i SET outcome = v.outcome, detail = v.detail,
-                   finished_at = now()
+                   finished_at = now(), attempts = coalesce(i.attempts, 1)
             FROM (SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]),
                                        CAST(:details AS text[])) AS t(skill_id, outcome, detail)) v
             WHERE i.run_id = :run AND i.skill_id = v.skill_id AND i.outcome IS NULL
