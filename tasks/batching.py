@@ -158,7 +158,15 @@ def _reason(exc: BaseException) -> str:
     return describe(database_error(exc) or exc)
 
 
-def run_batches(rt: Runtime, run_id: str, *, force: bool, keep_going: Callable[[], bool]) -> None:
+def run_batches(
+    rt: Runtime,
+    run_id: str,
+    *,
+    force: bool,
+    keep_going: Callable[[], bool],
+    fetch: Callable[[RunBatch], bool] = fetch,
+    write: Callable[[RunBatch], list[Result]] = write,
+) -> None:
     """The loop: claim, fetch, write, batch after batch, while an item of the run is free."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer:
         writing: Future[list[Result]] | None = None

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from db import migrate
-from db.session import make_engine
+from db import migrate, runs
+from db.session import SessionFactory, make_engine, make_session_factory, scope_to_tenant
 from devstack.fake_ollama import FakeOllama
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tests.databases import (
     OWNER,
+    TENANT_A,
     Database,
     build_app_schema,
     create_roles,
@@ -70,6 +72,30 @@ def db(postgres: LocalPostgres, worker_template: str) -> Iterator[Database]:
     """The drop-in case: the app's tables plus the worker's, with no rows."""
     with throwaway_database(postgres, worker_template) as database:
         yield database
+
+
+@pytest.fixture
+def sessions(db: Database) -> Iterator[SessionFactory]:
+    """Sessions as the worker's non-owner role, under row level security."""
+    engine = make_engine(db.app_url.replace("postgresql://", "postgresql+psycopg://"))
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def pending_run(db: Database, sessions: SessionFactory) -> str:
+    """The id of a run of 10 published skills, all pending, as `tasks.backfill` records it."""
+    db.add_tenant(TENANT_A)
+    for i in range(10):
+        db.add_skill(TENANT_A, f"Catalog skill {i:04d}", f"Does useful thing number {i}")
+    run_id = str(uuid.uuid4())
+    with sessions.begin() as session:
+        runs.create_run(session, run_id, None, False)
+        scope_to_tenant(session, TENANT_A)
+        runs.add_tenant_items(
+            session, run_id, TENANT_A, model="nomic-embed-text", dimensions=768, force=False
+        )
+    return run_id
 
 
 @pytest.fixture(scope="session")

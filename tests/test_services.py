@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import ProgrammingError
 
 from db import services
-from db.session import SessionFactory, make_engine, make_session_factory, tenant_scope
+from db.session import SessionFactory, tenant_scope
 from tasks.text import input_hash, skill_text
 from tests.databases import TENANT_A, TENANT_B, Database
 
 VECTOR = [0.0] * 767 + [1.0]
-
-
-@pytest.fixture
-def sessions(db: Database) -> Iterator[SessionFactory]:
-    engine = make_engine(db.app_url.replace("postgresql://", "postgresql+psycopg://"))
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def embedding_for(tenant: str, skill_id: str, text: str = "x") -> dict[str, object]:
