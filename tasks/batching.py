@@ -177,7 +177,11 @@ def run_batches(
                     break
                 went_through = fetch(batch)
                 if writing is not None:
-                    writing.result()  # the previous batch, written while this one was fetched
+                    try:
+                        writing.result()  # the previous batch, written while this one was fetched
+                    except BaseException:
+                        batch.end()  # the database is failing: hand this batch's items back
+                        raise
                 writing = writer.submit(write, batch)
                 if not went_through:
                     break  # Ollama is failing: jobs retry, and the first one through restarts us
