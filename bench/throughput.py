@@ -25,11 +25,13 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+import redis as redis_lib
 import sqlalchemy as sa
 from celery import Celery
 from rich.console import Console
@@ -41,7 +43,7 @@ from devstack.fake_ollama import FakeOllama
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tasks.producer import enqueue_embed_skill
-from tasks.queues import INTERACTIVE
+from tasks.queues import BULK, INTERACTIVE
 from tasks.text import input_hash, skill_text
 
 TENANT = "default-tenant-000-0000-000000000000"
@@ -121,34 +123,61 @@ def sequential_loop(database_url: str, ollama_url: str) -> tuple[int, float]:
     return len(skills), elapsed
 
 
-def backfill_through_worker(engine: sa.Engine, redis_url: str) -> tuple[float, int, int]:
-    """From queuing `tasks.backfill` to its run's summary, timed in this process like (a).
+@dataclass(frozen=True)
+class BackfillTiming:
+    """Seconds from queuing `tasks.backfill` to: the first row, the run's summary, the last job."""
 
-    Returns (seconds, skills in the run, skills found unchanged)."""
+    first_row: float
+    summary: float
+    drained: float
+    total: int
+    unchanged: int
+
+
+def backfill_through_worker(
+    engine: sa.Engine, redis_url: str, *, follow_jobs: bool = False
+) -> BackfillTiming:
+    """Queue `tasks.backfill` and time it in this process, like (a).
+
+    The summary comes once every skill is recorded; with `follow_jobs`, also wait for the last
+    of the run's jobs (each confirms its skill's outcome) to leave the queue and the worker."""
     app = Celery("bench", broker=redis_url, set_as_current=False)
+    broker = redis_lib.Redis.from_url(redis_url)
     started = time.perf_counter()
     run_id = app.send_task("tasks.backfill", queue=INTERACTIVE).id
     deadline = started + 1800
+    first_row = None
     with engine.connect() as connection:
         while True:
             row = connection.execute(
                 sa.text(
-                    "SELECT total, unchanged, failed, finished_at FROM embedding_runs"
-                    " WHERE id = :id"
+                    "SELECT total, unchanged, failed, finished_at,"
+                    " EXISTS (SELECT 1 FROM skill_embeddings) AS written"
+                    " FROM embedding_runs WHERE id = :id"
                 ),
                 {"id": run_id},
             ).one_or_none()
             connection.commit()
+            if first_row is None and row is not None and row.written:
+                first_row = time.perf_counter() - started
             if row is not None and row.finished_at is not None:
                 break
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"backfill {run_id} did not finish in 30 minutes")
-            time.sleep(0.01)
-    elapsed = time.perf_counter() - started
+            time.sleep(0.002)
+    summary = time.perf_counter() - started
+    drained = summary
+    if follow_jobs:
+        # Kombu keeps messages a worker holds in the "unacked" hash until it acks them.
+        while broker.llen(BULK) or broker.llen(INTERACTIVE) or broker.hlen("unacked"):
+            time.sleep(0.005)
+        drained = time.perf_counter() - started
     app.close()
+    broker.close()
     if row.failed:
         raise RuntimeError(f"backfill {run_id} had {row.failed} failures")
-    return elapsed, int(row.total), int(row.unchanged)
+    return BackfillTiming(first_row or summary, summary, drained, int(row.total),
+                          int(row.unchanged))  # fmt: skip
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -213,7 +242,8 @@ def tree_rss_mb(pid: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
-    parser.add_argument("--skills", type=int, default=2000)
+    parser.add_argument("--skills", type=int, default=1000)
+    parser.add_argument("--zero-cost-skills", type=int, default=3000)
     parser.add_argument("--busy-skills", type=int, default=5000)
     parser.add_argument("--unchanged-skills", type=int, default=10000)
     parser.add_argument("--publishes", type=int, default=20)
@@ -233,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "cores": os.cpu_count(),
-        "cost_model_ms": {"request": args.request_ms, "input": args.input_ms},
         "batch_size": args.batch_size,
     }
     try:
@@ -257,25 +286,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         time.sleep(3)
 
-        console.print(f"(a)/(b) {args.skills} skills, cost {args.request_ms} + {args.input_ms} ms")
-        seed_catalog(engine, args.skills, ollama.url)
-        count, seq_seconds = sequential_loop(database_url, ollama.url)
-        clear_embeddings(engine)
-        ollama.reset()
-        ours_seconds, _, _ = backfill_through_worker(engine, redis.url)
-        results["sequential"] = {
-            "skills": count,
-            "seconds": seq_seconds,
-            "per_s": count / seq_seconds,
-        }
-        results["backfill"] = {
-            "skills": count,
-            "seconds": ours_seconds,
-            "per_s": count / ours_seconds,
-            "ollama_requests": ollama.requests,
-            "ollama_inputs": ollama.inputs,
-        }
-        results["speedup"] = seq_seconds / ours_seconds
+        for phase, skills, request_ms, input_ms in (
+            ("cpu_model", args.skills, args.request_ms, args.input_ms),
+            ("zero_cost", args.zero_cost_skills, 0.0, 0.0),
+        ):
+            console.print(f"(a)/(b) {skills} skills, cost {request_ms} + {input_ms} ms")
+            ollama.request_latency, ollama.input_latency = request_ms / 1000, input_ms / 1000
+            seed_catalog(engine, skills, ollama.url)
+            count, seq_seconds = sequential_loop(database_url, ollama.url)
+            clear_embeddings(engine)
+            ollama.reset()
+            timing = backfill_through_worker(engine, redis.url, follow_jobs=True)
+            batch_ms = request_ms + args.batch_size * input_ms
+            results[phase] = {
+                "skills": count,
+                "cost_model_ms": {"request": request_ms, "input": input_ms},
+                "sequential_per_s": count / seq_seconds,
+                "backfill_per_s": count / timing.summary,
+                "backfill_jobs_drained_per_s": count / timing.drained,
+                "speedup": seq_seconds / timing.summary,
+                "model_limit_per_s": args.batch_size / batch_ms * 1000 if batch_ms else None,
+                "first_row_s": timing.first_row,
+                "ollama_requests": ollama.requests,
+                "ollama_inputs": ollama.inputs,
+            }
+        ollama.request_latency = args.request_ms / 1000
+        ollama.input_latency = args.input_ms / 1000
 
         console.print(f"(c) publish -> row during a {args.busy_skills}-skill backfill")
         seed_catalog(engine, args.busy_skills, ollama.url)
@@ -304,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         seed_catalog(engine, args.unchanged_skills, ollama.url)
         backfill_through_worker(engine, redis.url)
         ollama.reset()
-        seconds, total, unchanged = backfill_through_worker(engine, redis.url)
+        timing = backfill_through_worker(engine, redis.url)
         results["unchanged_backfill"] = {
-            "skills": total,
-            "found_unchanged": unchanged,
-            "seconds": seconds,
+            "skills": timing.total,
+            "found_unchanged": timing.unchanged,
+            "seconds": timing.summary,
             "ollama_inputs": ollama.inputs,
         }
         results["worker_rss_mb"] = tree_rss_mb(worker.pid)
@@ -332,14 +368,27 @@ def report(r: dict[str, Any]) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")
-    table.add_row("sequential loop (seed plan)", f"{r['sequential']['per_s']:.1f} skills/s", "")
-    table.add_row("tasks.backfill via worker", f"{r['backfill']['per_s']:.1f} skills/s", "")
-    table.add_row("speed-up", f"{r['speedup']:.2f}x", ">= 3x")
-    table.add_row(
-        "Ollama requests / inputs (backfill)",
-        f"{r['backfill']['ollama_requests']} / {r['backfill']['ollama_inputs']}",
-        "",
-    )
+    for phase in ("cpu_model", "zero_cost"):
+        x = r[phase]
+        cost = f"{x['cost_model_ms']['request']} + {x['cost_model_ms']['input']} ms"
+        table.add_row(f"[bold]{x['skills']} skills, model cost {cost}", "", "")
+        table.add_row("  seed plan's loop", f"{x['sequential_per_s']:.1f} skills/s", "")
+        limit = x["model_limit_per_s"]
+        share = (
+            f" ({x['backfill_per_s'] / limit:.2f}x the model limit {limit:.0f}/s)" if limit else ""
+        )
+        table.add_row(
+            "  tasks.backfill to its summary",
+            f"{x['backfill_per_s']:.1f} skills/s{share}",
+            ">= 0.9x the limit" if limit else ">= 500/s",
+        )
+        table.add_row("  speed-up over the seed loop", f"{x['speedup']:.2f}x",
+                      ">= 3.4x" if limit else ">= 3x")  # fmt: skip
+        table.add_row("  ... to its last job confirmed",
+                      f"{x['backfill_jobs_drained_per_s']:.1f} skills/s", "")  # fmt: skip
+        table.add_row("  call -> first row written", f"{x['first_row_s']:.3f} s", "<= 0.5 s")
+        table.add_row("  Ollama requests / inputs",
+                      f"{x['ollama_requests']} / {x['ollama_inputs']}", "")  # fmt: skip
     p = r["publish_to_row_s"]
     table.add_row("publish -> row p50 / p95", f"{p['p50']:.3f} / {p['p95']:.3f} s", "p95 <= 1 s")
     e = r["enqueue_ms"]
