@@ -7,7 +7,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, delete, func, select, text
+import orjson
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import ColumnElement, Row, Text, bindparam, cast, delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -122,7 +124,12 @@ def upsert_skill_embeddings(session: Session, rows: Sequence[dict[str, Any]]) ->
     """Many rows in one statement; each needs tenant_id, skill_id, embedding, model, dims, hash."""
     if not rows:
         return
-    statement = insert(SkillEmbedding).values([{"id": str(uuid.uuid4()), **row} for row in rows])
+    statement = insert(SkillEmbedding).values(
+        [
+            {"id": str(uuid.uuid4()), **row, "embedding": vector_literal(row["embedding"])}
+            for row in rows
+        ]
+    )
     excluded = statement.excluded
     statement = statement.on_conflict_do_update(
         constraint="skill_embeddings_tenant_skill_unique",
@@ -135,6 +142,12 @@ def upsert_skill_embeddings(session: Session, rows: Sequence[dict[str, Any]]) ->
         },
     )
     session.execute(statement)
+
+
+def vector_literal(vector: Sequence[float]) -> ColumnElement[Any]:
+    """The vector as pgvector's text input, `[0.1,0.2,...]`, which is JSON's array syntax:
+    orjson writes it in C, where pgvector's own adapter formats each float in Python."""
+    return cast(bindparam(None, orjson.dumps(vector).decode(), type_=Text), Vector())
 
 
 def delete_skill_embedding(session: Session, skill_id: str) -> bool:

@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 SessionFactory = sessionmaker[Session]
 
 
-def make_engine(database_url: str, *, pool_size: int = 2) -> Engine:
-    """An engine for a psycopg 3 URL; small pool: a worker does one thing at a time."""
+def make_engine(database_url: str, *, pool_size: int = 4) -> Engine:
+    """An engine for a psycopg 3 URL; a small pool: a worker process holds at most a job's
+    transaction and three batches' (tasks.batching)."""
     return create_engine(
         database_url,
         pool_size=pool_size,

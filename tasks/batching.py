@@ -86,10 +86,13 @@ def claim(
         deaths = rt.crashes.deaths(run_id, [skill_id for skill_id, _ in claimed])
         suspect = next((s for s, n in deaths.items() if 0 < n < most), None)
         if suspect is not None and len(claimed) > 1:
-            # A process died while embedding it: alone, it cannot take neighbours down again.
+            # A process died while embedding it (or is dying: its connection is gone, its count
+            # not yet): alone, it cannot take neighbours down again. A job takes its own item.
+            alone = including or suspect
             session.rollback()
             rt.hold_claims(session)
-            claimed = runs.claim_items(session, run_id, 1, including=suspect)
+            claimed = runs.claim_items(session, run_id, 1, including=alone)
+            deaths = {alone: deaths[alone]} if alone in deaths else {}
         if not claimed:
             session.close()
             return None
@@ -167,14 +170,24 @@ def run_batches(
     fetch: Callable[[RunBatch], bool] = fetch,
     write: Callable[[RunBatch], list[Result]] = write,
 ) -> None:
-    """The loop: claim, fetch, write, batch after batch, while an item of the run is free."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer:
+    """The loop: claim, fetch, write, batch after batch, while an item of the run is free.
+
+    Three batches are in flight: the next one claimed, one with Ollama, the last one being
+    written. Ollama waits neither for our claim nor for our write.
+    """
+
+    def claim_next() -> RunBatch | None:
+        return claim(rt, run_id, force=force) if keep_going() else None
+
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-claim") as claimer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer,
+    ):
+        claiming = claimer.submit(claim_next)
         writing: Future[list[Result]] | None = None
         try:
-            while keep_going():
-                batch = claim(rt, run_id, force=force)
-                if batch is None:
-                    break
+            while keep_going() and (batch := claiming.result()) is not None:
+                claiming = claimer.submit(claim_next)
                 went_through = fetch(batch)
                 if writing is not None:
                     try:
@@ -186,6 +199,8 @@ def run_batches(
                 if not went_through:
                     break  # Ollama is failing: jobs retry, and the first one through restarts us
         finally:
+            if claiming.exception() is None and (ahead := claiming.result()) is not None:
+                ahead.end()  # claimed for a turn the loop will not take: its items go back
             if writing is not None:
                 writing.exception()  # wait for it; its failure is logged where it happened
 

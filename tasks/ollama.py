@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 
 from tasks.errors import (
     BadEmbedding,
@@ -142,11 +144,16 @@ class OllamaClient:
         response = self._post("/api/embed", payload, urgent=urgent)
         self._raise_for_status(response, model)
         try:
-            body = response.json()
-        except ValueError:
-            raise BadEmbedding(
-                f"Ollama answered /api/embed with non-JSON: {response.text[:80]!r}"
-            ) from None
+            # orjson: a batch's answer is ~0.5 MB of floats, four times faster to parse than
+            # with the json module, in a process whose other threads need the GIL meanwhile.
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            try:  # the json module reads the NaN token a broken model emits, to say so
+                body = json.loads(response.content)
+            except ValueError:
+                raise BadEmbedding(
+                    f"Ollama answered /api/embed with non-JSON: {response.text[:80]!r}"
+                ) from None
         return validate_embeddings(body, expected=len(texts), dimensions=dimensions)
 
     def _raise_for_status(self, response: httpx.Response, model: str) -> None:

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from devstack.fake_ollama import FakeOllama
+from tasks import enqueue_embed_skill
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
 from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
@@ -143,3 +144,36 @@ def test_a_skill_that_kills_its_pool_process_fails_after_the_delivery_limit(
     assert db.scalar("SELECT detail FROM embedding_run_items WHERE skill_id = :id", id=poison) == (
         "the worker process died 3 times while embedding Poison pill"
     )
+
+
+def test_a_job_from_the_app_that_kills_its_pool_process_is_delivered_at_most_the_limit(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, start: object
+) -> None:
+    db.add_tenant(TENANT_A)
+    poison = db.add_skill(TENANT_A, "Poison pill", "POISON kills whoever embeds it")
+    fine = db.add_skill(TENANT_A, "Harmless skill", "Published after the poison")
+    worker = start(  # type: ignore[operator]
+        "w", ollama.url, OLLAMA_TIMEOUT_SECONDS="1", EMBED_MAX_DELIVERIES="3"
+    )
+    gate = ollama.hold(match="POISON")
+    assert enqueue_embed_skill(poison, TENANT_A, broker_url=embedder_env["REDIS_URL"])
+    assert enqueue_embed_skill(fine, TENANT_A, broker_url=embedder_env["REDIS_URL"])
+
+    kills = 0
+    deadline = time.monotonic() + 60
+    while "the worker process died" not in worker.log() and time.monotonic() < deadline:
+        try:
+            gate.wait_held(timeout=1)
+        except TimeoutError:
+            continue
+        [child] = pool_children(worker)
+        child.kill()
+        child.wait()
+        kills += 1
+        gate.release()
+        gate = ollama.hold(match="POISON")
+
+    assert kills == 3
+    wait_until(lambda: fine in embedded_ids(db), what="the next job to run")
+    assert poison not in embedded_ids(db)
+    assert "the worker process died 3 times while embedding Poison pill" in worker.log()

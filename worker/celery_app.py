@@ -120,6 +120,9 @@ def _start_pool_process(**_: Any) -> None:
     # A forked pool process must not reuse the parent's database or HTTP sockets.
     rt = runtime.current()
     rt.reset()
+    # The batch loop's threads wait on Ollama and PostgreSQL while the job thread runs Python;
+    # a shorter GIL switch interval hands them the GIL sooner when their answer arrives.
+    sys.setswitchinterval(0.001)
     # The recovery pass: runs whose items no live batch holds (their worker died, their jobs
     # wait in its unacked messages for the visibility timeout) get a loop here, now and while
     # they stay open, without beat.
