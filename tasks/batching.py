@@ -13,42 +13,36 @@ but the embedding is done here, a batch at a time, ahead of those jobs:
    counts, then commit. Either every item of the batch is recorded, or (a crash, a cut
    connection, a failed write) none is and all are free again for the next claim.
 
-The write of one batch overlaps the fetch of the next. The loop stops when no item is free, when
-the process shuts down, or after a batch meets a transient error (Ollama or the database down):
-from then on the items' own jobs claim them, at the pace of their retries, and the first job
-that gets through starts the loop again.
+While one batch is with Ollama, the next is claimed and the last is written. The loop stops
+when no item is free, when the process shuts down, or after a batch meets a transient error
+(Ollama or the database down): from then on the items' own jobs claim them, at the pace of
+their retries, and the first job that gets through starts the loop again (tasks.run_loops).
 
-A job finds its item's outcome with one lookup by primary key; if it has none, the job claims
-a batch led by its own item, or waits for the batch that holds it. A process that died while
-embedding items is remembered per item (tasks.crashes): such an item goes alone next time, and
-after EMBED_MAX_DELIVERIES deaths it is recorded failed instead of tried again.
+A process that died while embedding items is remembered per item (tasks.crashes): such an item
+goes alone next time, and after EMBED_MAX_DELIVERIES deaths it is recorded failed instead of
+tried again.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from sqlalchemy.orm import Session
 
 from db import runs
-from db.session import unscoped
 from tasks.backfill import ProgressLog
 from tasks.embedding import (
     Batch,
     Embedded,
     EmbedRequest,
     Result,
-    embed_skills,
     fetch_vectors,
     load_and_decide,
     write_vectors,
 )
 from tasks.errors import (
-    EmbedderError,
-    FailedInBatch,
     TransientError,
     WorkerDied,
     database_error,
@@ -65,13 +59,10 @@ class RunBatch:
     def __init__(self, rt: Runtime, run_id: str, session: Session, work: Batch) -> None:
         self.rt, self.run_id, self.session, self.work = rt, run_id, session, work
         self.skill_ids = [request.skill_id for request in work.requests]
-        self.begun = [r.skill_id for r in work.requests if work.needs_vector(r)]
-        rt.crashes.begin(run_id, self.begun)
 
-    def end(self, *, written: bool = False) -> None:
+    def end(self) -> None:
         """Close the transaction (a rollback unless committed): the claims end with it."""
         self.session.close()
-        self.rt.crashes.end(self.run_id, self.begun, done=written)
 
 
 def claim(
@@ -109,12 +100,20 @@ def claim(
 
 
 def fetch(batch: RunBatch) -> bool:
-    """Ask Ollama for the batch's vectors; False when an item met a transient error."""
+    """Ask Ollama for the batch's vectors; False when an item met a transient error.
+
+    Its items are counted while they are with Ollama: if this process dies meanwhile, the count
+    stays and names them (tasks.crashes), and not the batches claimed or being written.
+    """
+    sent = [r.skill_id for r in batch.work.requests if batch.work.needs_vector(r)]
+    batch.rt.crashes.begin(batch.run_id, sent)
     try:
         fetch_vectors(batch.rt, batch.work, urgent=False)
     except BaseException:
         batch.end()
         raise
+    finally:
+        batch.rt.crashes.end(batch.run_id, sent, done=False)
     return not any(isinstance(r, TransientError) for r in batch.work.results)
 
 
@@ -123,7 +122,6 @@ def write(batch: RunBatch) -> list[Result]:
 
     Items that met a transient error get no outcome: the commit frees them for a later claim.
     """
-    written = False
     try:
         results = write_vectors(batch.rt, batch.session, batch.work)
         outcomes = [
@@ -133,7 +131,6 @@ def write(batch: RunBatch) -> list[Result]:
         ]
         recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes)
         batch.session.commit()
-        written = True
     except Exception as exc:
         logger.warning(
             "A batch of %d items of run %s failed while writing (%s): nothing of it was"
@@ -145,7 +142,7 @@ def write(batch: RunBatch) -> list[Result]:
         )
         raise
     finally:
-        batch.end(written=written)
+        batch.end()
     tenants = {r.skill_id: r.tenant_id or "" for r in batch.work.requests}
     ProgressLog(batch.rt).recorded(
         recorded, dict(zip(batch.skill_ids, results, strict=True)), tenants
@@ -203,86 +200,3 @@ def run_batches(
                 ahead.end()  # claimed for a turn the loop will not take: its items go back
             if writing is not None:
                 writing.exception()  # wait for it; its failure is logged where it happened
-
-
-def embed_item(rt: Runtime, run_id: str, request: EmbedRequest) -> str | EmbedderError:
-    """A run job: its item's outcome, recorded by whichever batch embeds it (maybe this job's)."""
-    skill_id = request.skill_id
-    with unscoped(rt.sessions) as session:
-        recorded = runs.item_outcome(session, run_id, skill_id)
-    if recorded is not None:
-        return _settled(skill_id, *recorded)
-    rt.loops.ensure(run_id, force=request.force)
-    while True:
-        batch = claim(rt, run_id, force=request.force, including=skill_id)
-        if batch is not None:
-            fetch(batch)
-            results = write(batch)
-            result = results[batch.skill_ids.index(skill_id)]
-            return result.outcome.value if isinstance(result, Embedded) else result
-        # Another batch holds the item: wait for it to end, then see what it recorded.
-        with unscoped(rt.sessions) as session:
-            state = runs.wait_for_item(session, run_id, skill_id, timeout_seconds=rt.claim_seconds)
-        if state is None:  # not an item of that run (a hand-made message): embed it alone
-            [alone] = embed_skills(rt, [request])
-            return alone.outcome.value if isinstance(alone, Embedded) else alone
-        if state[0] is not None:
-            return _settled(skill_id, state[0], state[1])
-
-
-def _settled(skill_id: str, outcome: str, detail: str | None) -> str | EmbedderError:
-    if outcome == runs.FAILED:
-        return FailedInBatch(detail or f"skill {skill_id!r} failed in its batch")
-    return outcome
-
-
-class RunLoops:
-    """This process's loops, at most one per run, started by jobs and by the recovery pass."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
-        self._threads: dict[str, threading.Thread] = {}
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-
-    def ensure(self, run_id: str, *, force: bool) -> None:
-        with self._lock:
-            running = self._threads.get(run_id)
-            if self._stopping.is_set() or (running is not None and running.is_alive()):
-                return
-            thread = threading.Thread(
-                target=self._loop, args=(run_id, force), name=f"run-{run_id[:8]}", daemon=True
-            )
-            self._threads[run_id] = thread
-            thread.start()
-
-    def _loop(self, run_id: str, force: bool) -> None:
-        try:
-            run_batches(self._rt, run_id, force=force, keep_going=self.running)
-        except Exception as exc:
-            # Each stage logged its own failure in one line; the rest is a bug worth a traceback.
-            if database_error(exc) is None:
-                logger.exception("The batch loop of run %s stopped", run_id)
-
-    def running(self) -> bool:
-        return not self._stopping.is_set()
-
-    def recover(self) -> None:
-        """Start a loop for every open run with a free item (its worker died, its jobs are lost)."""
-        with unscoped(self._rt.sessions) as session:
-            open_runs = runs.runs_with_free_items(session)
-        for run_id, force in open_runs:
-            self.ensure(run_id, force=force)
-
-    def recover_every(self, seconds: float) -> None:
-        """The recovery pass, now and every `seconds`, until `stop`; for a daemon thread."""
-        while not self._stopping.is_set():
-            try:
-                self.recover()
-            except Exception as exc:
-                logger.warning("Recovery pass failed: %s", describe(database_error(exc) or exc))
-            self._stopping.wait(seconds)
-
-    def stop(self) -> None:
-        """Claim nothing more (the process is going away); batches in flight finish."""
-        self._stopping.set()

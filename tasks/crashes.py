@@ -1,8 +1,8 @@
 """Embeddings begun and not ended, per item: what a worker process was doing when it died.
 
-A process counts each item it starts embedding and clears the count when the item's batch ends
-in any way it survives (written, failed, rolled back). A count that stays is a death: the
-process was killed (out of memory, a crash in native code) while holding the item. Counts live
+A process counts each item while Ollama embeds it and its answer is read, and takes the count
+back once that is over, whatever the outcome. A count that stays is a death: the process was
+killed (out of memory, a crash in native code) in the middle of it. Counts live
 in Redis, so every worker of the deployment sees them, and expire a day after their last use.
 """
 

@@ -12,12 +12,12 @@ from celery.worker.request import Request
 
 from tasks import runtime
 from tasks.backfill import ProgressLog, fan_out, reconcile_catalog, start_backfill
-from tasks.batching import embed_item
 from tasks.crashes import APP_JOBS
 from tasks.embedding import EmbedRequest, Result, embed_skills, skill_name
 from tasks.errors import EmbedderError, PermanentError, WorkerDied, database_error
 from tasks.queues import BULK, EMBED_SKILL
 from tasks.retry import backoff_seconds, describe, should_retry
+from tasks.run_loops import embed_item
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from tasks.ollama import OllamaClients
 from tasks.slots import OllamaSlots
 
 if TYPE_CHECKING:
-    from tasks.batching import RunLoops
+    from tasks.run_loops import RunLoops
 
 
 class TaskSettings(Protocol):
@@ -103,8 +103,8 @@ class Runtime:
 
     @cached_property
     def loops(self) -> RunLoops:
-        """This process's batch loops, one per run (tasks.batching)."""
-        from tasks.batching import RunLoops
+        """This process's batch loops, one per run (tasks.run_loops)."""
+        from tasks.run_loops import RunLoops
 
         return RunLoops(self)
 

@@ -93,8 +93,8 @@ def create_app(settings: Settings) -> Celery:
         result_expires=86400,
         broker_connection_retry_on_startup=True,
         # Flower needs events; "sent" events show jobs that wait in the queue, too.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_track_started=True,
         beat_schedule={
             "reconcile": {

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     task_time_limit_seconds: int = Field(default=300, ge=1)
     flower_basic_auth: str | None = None
+    task_events: bool = True
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # prometheus_client's own variable: where the pool's processes write their samples.
     prometheus_multiproc_dir: Path | None = None
