@@ -26,7 +26,7 @@ def write_all(batch: RunBatch) -> list[Result]:
     runs.record_outcomes(batch.session, batch.run_id, [(s, "embedded", None) for s in
                                                        batch.skill_ids])  # fmt: skip
     batch.session.commit()
-    batch.end(written=True)
+    batch.end()
     return [Embedded(Outcome.EMBEDDED, s) for s in batch.skill_ids]
 
 
