@@ -5,6 +5,9 @@ a job meets once its batch has gone through), queues one `tasks.embed_skill` per
 worker runs, then starts a real worker and times it draining the queue. It samples the CPU time
 of the worker's main process, its pool process, Redis and PostgreSQL, and reports each per job.
 
+It then measures PostgreSQL's write ceiling: our upsert of the same number of vectors, 32 a
+statement, with nothing else running, with and without the app's HNSW index.
+
 Variants (`--variants`) change one worker option at a time, so each choice's cost is measured:
 `default`, `no-events` (TASK_EVENTS=false: Flower would see no jobs), `solo-pool` (the job runs
 in the worker's main process), `prefetch-4` (four messages reserved at a time), `info-log`
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -134,6 +138,50 @@ def drain(env: dict[str, str], options: list[str], queued: int, redis_url: str,
     return figures
 
 
+def write_ceiling(engine: sa.Engine, count: int, batch: int = 32) -> dict[str, float]:
+    """Our upsert of `count` vectors, `batch` a statement, with nothing else running: once with
+    the app's HNSW index on skill_embeddings, once without it (dropped: a throwaway database)."""
+    from db import services
+    from db.session import make_session_factory, tenant_scope
+
+    sessions = make_session_factory(engine)
+    with engine.connect() as connection:
+        skills = [
+            str(r.id)
+            for r in connection.execute(
+                sa.text("SELECT id FROM skills WHERE status = 'published' ORDER BY id LIMIT :n"),
+                {"n": count},
+            )
+        ]
+    rng = random.Random(7)
+    vectors = [[rng.gauss(0, 1) for _ in range(768)] for _ in range(len(skills))]
+    figures: dict[str, float] = {}
+    for label in ("with the HNSW index", "without it"):
+        with engine.begin() as connection:
+            connection.exec_driver_sql("TRUNCATE skill_embeddings")
+        started = time.perf_counter()
+        for start in range(0, len(skills), batch):
+            rows = [
+                {"tenant_id": TENANT, "skill_id": skill_id, "embedding": vectors[start + i],
+                 "model_name": "nomic-embed-text", "dimensions": 768, "input_hash": "bench"}
+                for i, skill_id in enumerate(skills[start : start + batch])
+            ]  # fmt: skip
+            with tenant_scope(sessions, TENANT) as session:
+                services.upsert_skill_embeddings(session, rows)
+        figures[f"rows/s {label}"] = len(skills) / (time.perf_counter() - started)
+        with engine.begin() as connection:
+            index = connection.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'skill_embeddings'"
+                " AND indexdef ILIKE '%%hnsw%%'"
+            ).scalar()
+            if index:
+                connection.exec_driver_sql(f'DROP INDEX "{index}"')
+    figures["HNSW ms per row"] = (
+        1000 / figures["rows/s with the HNSW index"] - 1000 / figures["rows/s without it"]
+    )
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.job_overhead", description=__doc__)
     parser.add_argument("--jobs", type=int, default=3000)
@@ -166,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             results[variant] = drain(variant_env, VARIANTS[variant], len(skills), redis.url,
                                      pg.port, redis.port, work / f"{variant}.log")  # fmt: skip
         producer.close()
+        console.print(f"PostgreSQL's write ceiling: {args.jobs} vectors, 32 a statement")
+        results["write_ceiling"] = write_ceiling(engine, args.jobs)
         engine.dispose()
     finally:
         ollama.stop()
@@ -185,6 +235,12 @@ def report(results: dict[str, Any], variants: list[str]) -> None:
     for key in results[variants[0]]:
         table.add_row(key, *(f"{results[v][key]:.2f}" for v in variants))
     console.print(table)
+    ceiling = Table(title="PostgreSQL's write ceiling (our upsert, alone)", title_justify="left")
+    ceiling.add_column("measure")
+    ceiling.add_column("value", justify="right")
+    for key, value in results["write_ceiling"].items():
+        ceiling.add_row(key, f"{value:.2f}")
+    console.print(ceiling)
 
 
 if __name__ == "__main__":
