@@ -105,6 +105,29 @@ def test_three_workers_on_one_pinned_ollama_send_it_one_request_at_a_time(
     assert all("] Embedded: " in worker.log() for worker in workers)
 
 
+def test_a_worker_started_mid_backfill_takes_part_at_once(
+    db: Database, embedder_env: dict[str, str], fakes: list[FakeOllama], start: object
+) -> None:
+    db.add_tenant(TENANT_A, settings=False)
+    skills = published_catalog(db, 600)
+    first_ollama, second_ollama, _ = fakes
+    gate = first_ollama.hold()  # the first worker's Ollama answers nothing until we say
+    first = start("first", first_ollama.url)  # type: ignore[operator]
+    call_backfill(embedder_env)
+    gate.wait_held()
+
+    second = start("second", second_ollama.url)  # type: ignore[operator]
+    # While the first worker waits on its Ollama, the new one embeds the run's other items.
+    wait_until(lambda: second_ollama.inputs > 0, what="the second worker's first batch")
+    gate.release()
+
+    wait_until(lambda: summaries(all_logs([first, second])), timeout=90, what="the summary")
+    assert summaries(all_logs([first, second])) == [(600, 600, 0)]
+    assert embedded_ids(db) == set(skills)
+    assert duplicate_rows(db) == 0
+    assert first_ollama.inputs + second_ollama.inputs >= 600
+
+
 def pool_children(worker: Process) -> list[psutil.Process]:
     assert worker.process is not None
     return psutil.Process(worker.process.pid).children()
