@@ -53,7 +53,7 @@ def test_a_claim_held_by_a_connection_that_was_cut_is_free_at_once(
     first = sessions()
     taken = ids(runs.claim_items(first, pending_run, 3))
     db.scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
         " WHERE usename = :role AND state = 'idle in transaction'",
         role=APP_ROLE,
     )

@@ -33,7 +33,9 @@ def cut_worker_connections(db: Database) -> int:
     """What an operator's failover does: end every backend of the worker's role."""
     return int(
         db.scalar(  # type: ignore[arg-type]
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = :role",
+            # With a timeout, each call returns once its backend is gone, its locks with it.
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+            " WHERE usename = :role",
             role=APP_ROLE,
         )
     )
