@@ -13,32 +13,12 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Exchange, Queue
 
 from tasks import runtime
-from tasks.errors import database_error
 from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
+from worker import logs
 from worker.observability import install_observability
 from worker.settings import ConfigError, Settings, mask_url
 
 logger = logging.getLogger(__name__)
-# httpx logs every request at INFO: one line per batch that says nothing ours does not.
-logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-class _OneLineForLostConnections(logging.Filter):
-    """SQLAlchemy's pool logs a traceback when it cannot roll back a connection PostgreSQL has
-    already closed (failover, pg_terminate_backend); the pool replaces it, so one line does."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        lost = database_error(error) if error is not None else None
-        if lost is not None:
-            record.msg, record.args = "Dropped a pooled connection: %s", (str(lost),)
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.exc_info = record.exc_text = None
-        return True
-
-
-# Filters do not pass down to child loggers: the pool logs under its class's name.
-logging.getLogger("sqlalchemy.pool.impl.QueuePool").addFilter(_OneLineForLostConnections())
 
 
 def load_settings() -> Settings:
@@ -53,6 +33,7 @@ def load_settings() -> Settings:
 def create_app(settings: Settings) -> Celery:
     """The app, configured from `settings`; tasks come from `tasks.jobs`."""
     runtime.install(settings)
+    logs.quiet_libraries()
     app = Celery(
         "everyskill-embedder",
         broker=settings.redis_url,

@@ -1,4 +1,5 @@
-"""`LOG_FORMAT=json`: one JSON object per line, with the job's ids, for a log pipeline."""
+"""The worker's logs: `LOG_FORMAT=json` (one JSON object per line, with the job's ids, for a
+log pipeline), and libraries kept to the lines an operator needs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from pythonjsonlogger.json import JsonFormatter
 
 from tasks.context import job_fields
+from tasks.errors import database_error
 
 CONTEXT_FIELDS = ("task_id", "skill_id", "run_id", "tenant_id")
 
@@ -62,3 +64,27 @@ def on_logger_setup(logger: logging.Logger | None = None, **_: Any) -> None:
     """Celery's after_setup_logger / after_setup_task_logger, connected when LOG_FORMAT=json."""
     if logger is not None:
         use_json(logger)
+
+
+class _OneLineForLostConnections(logging.Filter):
+    """SQLAlchemy's pool logs a traceback when it cannot roll back a connection PostgreSQL has
+    already closed (failover, pg_terminate_backend); the pool replaces it, so one line does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        lost = database_error(error) if error is not None else None
+        if lost is not None:
+            record.msg, record.args = "Dropped a pooled connection: %s", (str(lost),)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_libraries() -> None:
+    """httpx logs every request at INFO (a line per batch that says nothing ours does not);
+    the database pool's tracebacks for closed connections become one line."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Filters do not pass down to child loggers: the pool logs under its class's name.
+    pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+    if not any(isinstance(f, _OneLineForLostConnections) for f in pool.filters):
+        pool.addFilter(_OneLineForLostConnections())
