@@ -194,7 +194,12 @@ def run_batches(
                         raise
                 writing = writer.submit(write, batch)
                 if not went_through:
-                    break  # Ollama is failing: jobs retry, and the first one through restarts us
+                    # Ollama is failing: jobs retry, and the first one through restarts us.
+                    reason = next((describe(r) for r in batch.work.results
+                                   if isinstance(r, TransientError)), "a transient error")
+                    logger.warning("Batches of run %s paused: %s", run_id, reason,
+                                   extra={"run_id": run_id})  # fmt: skip
+                    break
         finally:
             if claiming.exception() is None and (ahead := claiming.result()) is not None:
                 ahead.end()  # claimed for a turn the loop will not take: its items go back
