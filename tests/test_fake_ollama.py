@@ -486,3 +486,36 @@ def test_handler_threads_end_when_the_fake_stops() -> None:
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == before
+
+
+def test_a_gate_holds_matching_requests_until_released(
+    fake: FakeOllama, client: httpx.Client
+) -> None:
+    gate = fake.hold(match="HOLD ME")
+    answers: list[int] = []
+
+    def post_held() -> None:
+        with new_client(fake) as own:
+            body = {"model": MODEL, "input": ["HOLD ME"]}
+            answers.append(own.post("/api/embed", json=body).status_code)
+
+    held = threading.Thread(target=post_held)
+    held.start()
+    gate.wait_held()
+
+    # Other requests pass while one waits at the gate; the held one has no answer yet.
+    other = client.post("/api/embed", json={"model": MODEL, "input": ["go ahead"]})
+    assert other.status_code == 200
+    assert answers == []
+    assert fake.in_flight == 1
+
+    gate.release()
+    held.join(10)
+    assert answers == [200]
+    assert fake.texts == ["go ahead", "HOLD ME"]
+
+
+def test_waiting_for_a_gate_that_nothing_reaches_times_out(fake: FakeOllama) -> None:
+    gate = fake.hold()
+    with pytest.raises(TimeoutError):
+        gate.wait_held(timeout=0.05)
