@@ -223,9 +223,10 @@ def test_a_worker_killed_mid_backfill_closes_its_run_soon_after_a_new_worker_sta
     db.add_tenant(TENANT_A)
     skills = published_catalog(db, 300)
     ollama.request_latency = 0.02
-    # Hold the batch with skill 0100: the worker dies with batches written before it and
-    # the rest of the run (and its held messages) not done.
-    gate = ollama.hold(match="Catalog skill 0100")
+    # Runs go in skill id order, 32 a batch: hold the fifth batch, so the worker dies with
+    # batches written before it and the rest of the run (and its held messages) not done.
+    names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
+    gate = ollama.hold(match=names[sorted(skills)[150]])
     first = start_worker(embedder_env, tmp_path / "first.log", "first")
     try:
         call_backfill(embedder_env)
@@ -234,7 +235,7 @@ def test_a_worker_killed_mid_backfill_closes_its_run_soon_after_a_new_worker_sta
         first.kill()
         gate.release()
     written = len(embedded_ids(db))
-    assert 0 < written < 300
+    assert 96 <= written < 300
 
     second = start_worker(embedder_env, tmp_path / "second.log", "second")
     try:
