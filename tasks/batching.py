@@ -195,8 +195,10 @@ def run_batches(
                 writing = writer.submit(write, batch)
                 if not went_through:
                     # Ollama is failing: jobs retry, and the first one through restarts us.
-                    reason = next((describe(r) for r in batch.work.results
-                                   if isinstance(r, TransientError)), "a transient error")
+                    reason = next(
+                        (describe(r) for r in batch.work.results if isinstance(r, TransientError)),
+                        "a transient error",
+                    )
                     logger.warning("Batches of run %s paused: %s", run_id, reason,
                                    extra={"run_id": run_id})  # fmt: skip
                     break
