@@ -105,15 +105,13 @@ def fetch(batch: RunBatch) -> bool:
     Its items are counted while they are with Ollama: if this process dies meanwhile, the count
     stays and names them (tasks.crashes), and not the batches claimed or being written.
     """
-    sent = [r.skill_id for r in batch.work.requests if batch.work.needs_vector(r)]
-    batch.rt.crashes.begin(batch.run_id, sent)
+    sent = [item.request.skill_id for item in batch.work.pending]
     try:
-        fetch_vectors(batch.rt, batch.work, urgent=False)
+        with batch.rt.crashes.embedding(batch.run_id, sent):
+            fetch_vectors(batch.rt, batch.work, urgent=False)
     except BaseException:
         batch.end()
         raise
-    finally:
-        batch.rt.crashes.end(batch.run_id, sent, done=False)
     return not any(isinstance(r, TransientError) for r in batch.work.results)
 
 

@@ -8,7 +8,8 @@ in Redis, so every worker of the deployment sees them, and expire a day after th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import redis
 
@@ -54,3 +55,17 @@ class CrashCounts:
         for skill_id in skill_ids:
             pipe.hincrby(key, skill_id, -1)
         pipe.execute()
+
+    @contextmanager
+    def embedding(
+        self, run_id: str | None, skill_ids: Sequence[str], *, clear_on_success: bool = False
+    ) -> Iterator[None]:
+        """Count the items for the block; with `clear_on_success`, a block that ends without an
+        error forgets their earlier deaths too."""
+        self.begin(run_id, skill_ids)
+        done = False
+        try:
+            yield
+            done = clear_on_success
+        finally:
+            self.end(run_id, skill_ids, done=done)

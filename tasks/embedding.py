@@ -181,9 +181,6 @@ class Batch:
     pending: list[_Pending]  # those that need a vector
     vectors: list[list[float] | None]  # per pending item
 
-    def needs_vector(self, request: EmbedRequest) -> bool:
-        return any(item.request is request for item in self.pending)
-
     def name_of(self, skill_id: str) -> str:
         for item in self.pending:
             if item.request.skill_id == skill_id:

@@ -94,14 +94,8 @@ def _embed_alone(rt: runtime.Runtime, request: EmbedRequest) -> list[Result]:
     deaths = rt.crashes.deaths(APP_JOBS, [request.skill_id]).get(request.skill_id, 0)
     if deaths >= rt.settings.embed_max_deliveries:
         return [WorkerDied(deaths, skill_name(rt, request.skill_id, request.tenant_id))]
-    rt.crashes.begin(APP_JOBS, [request.skill_id])
-    done = False
-    try:
-        results = embed_skills(rt, [request])
-        done = True
-        return results
-    finally:
-        rt.crashes.end(APP_JOBS, [request.skill_id], done=done)
+    with rt.crashes.embedding(APP_JOBS, [request.skill_id], clear_on_success=True):
+        return embed_skills(rt, [request])
 
 
 def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | None) -> str:
