@@ -178,8 +178,11 @@ def run_child(out: Path) -> None:
     import psutil
     from celery.signals import before_task_publish
 
-    import worker.celery_app  # noqa: F401  (configures the app, installs the runtime)
     from tasks import runtime
+    from worker.celery_app import app
+    from worker.serve import configure_worker, load_settings
+
+    configure_worker(app, load_settings())  # as a worker process does when it starts
     from tasks.backfill import start_backfill
     from tasks.jobs import embed_skill
 

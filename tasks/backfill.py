@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
 
 from db import runs, services
 from db.session import scope_to_tenant, tenant_scope, unscoped
-from tasks.embedding import Embedded, Result, tenant_config
+from tasks.embedding import tenant_config
 from tasks.errors import (
     DimensionMismatch,
     EmbedderError,
     OllamaNotReady,
     UnknownTenant,
 )
-from tasks.failures import record_failure
-from tasks.metrics import count_job_outcome, count_outcomes
 from tasks.queues import BULK
-from tasks.retry import describe
 from tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -31,59 +28,6 @@ logger = logging.getLogger(__name__)
 Enqueuer = Task[..., Any]
 # Queues the rest of a fan-out: (run_id, force, the last item queued).
 Continuation = Callable[[str, bool, runs.ItemKey], None]
-
-
-class ProgressLog:
-    """Records jobs' outcomes in their run and writes the lines an operator follows."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-
-    def finished(self, outcome: str, name: str) -> None:
-        """A job outside any run (a run's outcomes are recorded by its batches)."""
-        logger.info("%s: %s", outcome.capitalize(), name)
-        count_job_outcome(outcome)
-
-    def recorded(
-        self, recorded: runs.Recorded, results: Mapping[str, Result], tenants: Mapping[str, str]
-    ) -> None:
-        """One line per outcome a batch has just committed, and the summary if it ended the run."""
-        state = recorded.state
-        first = state.done - len(recorded.skill_ids)
-        for number, skill_id in enumerate(recorded.skill_ids, start=first + 1):
-            result = results[skill_id]
-            tenant = tenants[skill_id]
-            ids = {"skill_id": skill_id, "run_id": state.id, "tenant_id": tenant}
-            if isinstance(result, Embedded):
-                count_outcomes(tenant, result.outcome.value)
-                outcome = result.outcome.value.capitalize()
-                logger.info("[%d/%d] %s: %s", number, state.total, outcome, result.name, extra=ids)
-            else:
-                count_outcomes(tenant, runs.FAILED)
-                logger.warning(
-                    "[%d/%d] Failed: %s: %s", number, state.total, skill_id, describe(result),
-                    extra=ids,
-                )  # fmt: skip
-        if recorded.finished:
-            logger.info(state.summary, extra={"run_id": state.id})
-
-    def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
-        tries = f" after {retries + 1} attempts" if retries else ""
-        tenant = record_failure(self.rt, run_id, skill_id, reason, attempts=retries + 1)
-        if run_id is None:
-            count_outcomes(tenant, "failed")
-            logger.warning("Failed%s: %s: %s", tries, skill_id, reason)
-            return
-        with unscoped(self.rt.sessions) as session:
-            recorded = runs.record_outcome(session, run_id, skill_id, "failed", reason)
-        if recorded is not None:
-            count_outcomes(tenant, "failed")
-            state, closed = recorded
-            logger.warning(
-                "[%d/%d] Failed%s: %s: %s", state.done, state.total, tries, skill_id, reason
-            )
-            if closed:
-                logger.info(state.summary)
 
 
 def _enabled_tenants(rt: Runtime, only: str | None) -> list[str]:

@@ -32,7 +32,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from sqlalchemy.orm import Session
 
 from db import runs
-from tasks.backfill import ProgressLog
 from tasks.embedding import (
     Batch,
     Embedded,
@@ -42,11 +41,8 @@ from tasks.embedding import (
     load_and_decide,
     write_vectors,
 )
-from tasks.errors import (
-    TransientError,
-    WorkerDied,
-    database_error,
-)
+from tasks.errors import TransientError, WorkerDied, database_error
+from tasks.progress import ProgressLog
 from tasks.retry import describe
 from tasks.runtime import Runtime
 

@@ -1,4 +1,10 @@
-"""The Celery tasks. Bodies stay short: load, decide, call, write live in their own modules."""
+"""The Celery tasks: where an item's life starts (its job) and ends (its result or retry).
+
+A skill's life, top to bottom: `embed_skill` here -> `embed_item`, which finds its outcome
+recorded or takes part in its run's batches (tasks.batching: claim -> fetch -> write) -> the
+outcome and summary lines (tasks.progress). Bodies stay short: load, decide, call and write
+live in those modules.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,23 @@ from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.worker.request import Request
 
-from tasks import runtime
-from tasks.backfill import ProgressLog, fan_out, reconcile_catalog, start_backfill
+from db import runs
+from db.session import unscoped
+from tasks import run_loops, runtime
+from tasks.backfill import fan_out, reconcile_catalog, start_backfill
+from tasks.batching import claim, fetch, write
 from tasks.crashes import APP_JOBS
-from tasks.embedding import EmbedRequest, Result, embed_skills, skill_name
-from tasks.errors import EmbedderError, PermanentError, WorkerDied, database_error
+from tasks.embedding import Embedded, EmbedRequest, Result, embed_skills, skill_name
+from tasks.errors import (
+    EmbedderError,
+    FailedInBatch,
+    PermanentError,
+    WorkerDied,
+    database_error,
+)
+from tasks.progress import ProgressLog
 from tasks.queues import BULK, EMBED_SKILL
 from tasks.retry import backoff_seconds, describe, should_retry
-from tasks.run_loops import embed_item
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +104,37 @@ def embed_skill(
     return settle(self, result, skill_id, run_id)
 
 
+def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str | EmbedderError:
+    """A run job: its item's outcome, recorded by whichever batch embeds it (maybe this job's)."""
+    skill_id = request.skill_id
+    with unscoped(rt.sessions) as session:
+        recorded = runs.item_outcome(session, run_id, skill_id)
+    if recorded is not None:
+        return _settled(skill_id, *recorded)
+    run_loops.loops(rt).ensure(run_id, force=request.force)
+    while True:
+        batch = claim(rt, run_id, force=request.force, including=skill_id)
+        if batch is not None:
+            fetch(batch)
+            results = write(batch)
+            result = results[batch.skill_ids.index(skill_id)]
+            return result.outcome.value if isinstance(result, Embedded) else result
+        # Another batch holds the item: wait for it to end, then see what it recorded.
+        with unscoped(rt.sessions) as session:
+            state = runs.wait_for_item(session, run_id, skill_id, timeout_seconds=rt.claim_seconds)
+        if state is None:  # not an item of that run (a hand-made message): embed it alone
+            [alone] = embed_skills(rt, [request])
+            return alone.outcome.value if isinstance(alone, Embedded) else alone
+        if state[0] is not None:
+            return _settled(skill_id, state[0], state[1])
+
+
+def _settled(skill_id: str, outcome: str, detail: str | None) -> str | EmbedderError:
+    if outcome == runs.FAILED:
+        return FailedInBatch(detail or f"skill {skill_id!r} failed in its batch")
+    return outcome
+
+
 def _embed_alone(rt: runtime.Runtime, request: EmbedRequest) -> list[Result]:
     """A job from the app: counted while it runs, so a process it kills is remembered."""
     deaths = rt.crashes.deaths(APP_JOBS, [request.skill_id]).get(request.skill_id, 0)
@@ -131,7 +177,7 @@ def backfill(
         self.request.id,
         tenant_id,
         force,
-        before_fanout=lambda run_id: rt.loops.ensure(run_id, force=force),
+        before_fanout=lambda run_id: run_loops.loops(rt).ensure(run_id, force=force),
         continue_later=_continue_fan_out,
     )
 

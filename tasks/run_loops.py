@@ -1,7 +1,7 @@
-"""A run in this process: the job's side of a backfill item, and the loops that run ahead.
+"""Who starts a run's batch loop in this process: the run's jobs, the backfill, the recovery pass.
 
-`tasks.batching` is the loop itself; here is who starts it (a run's jobs, the backfill, the
-recovery pass) and what a job does when it arrives (`embed_item`).
+`tasks.batching` is the loop itself. Loops are this process's own state (threads), kept here,
+beside the runtime they use rather than inside it: `reset()` after a fork, `stop()` before exit.
 """
 
 from __future__ import annotations
@@ -11,44 +11,12 @@ import threading
 
 from db import runs
 from db.session import unscoped
-from tasks.batching import claim, fetch, run_batches, write
-from tasks.embedding import Embedded, EmbedRequest, embed_skills
-from tasks.errors import EmbedderError, FailedInBatch, database_error
+from tasks.batching import run_batches
+from tasks.errors import database_error
 from tasks.retry import describe
 from tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-
-def embed_item(rt: Runtime, run_id: str, request: EmbedRequest) -> str | EmbedderError:
-    """A run job: its item's outcome, recorded by whichever batch embeds it (maybe this job's)."""
-    skill_id = request.skill_id
-    with unscoped(rt.sessions) as session:
-        recorded = runs.item_outcome(session, run_id, skill_id)
-    if recorded is not None:
-        return _settled(skill_id, *recorded)
-    rt.loops.ensure(run_id, force=request.force)
-    while True:
-        batch = claim(rt, run_id, force=request.force, including=skill_id)
-        if batch is not None:
-            fetch(batch)
-            results = write(batch)
-            result = results[batch.skill_ids.index(skill_id)]
-            return result.outcome.value if isinstance(result, Embedded) else result
-        # Another batch holds the item: wait for it to end, then see what it recorded.
-        with unscoped(rt.sessions) as session:
-            state = runs.wait_for_item(session, run_id, skill_id, timeout_seconds=rt.claim_seconds)
-        if state is None:  # not an item of that run (a hand-made message): embed it alone
-            [alone] = embed_skills(rt, [request])
-            return alone.outcome.value if isinstance(alone, Embedded) else alone
-        if state[0] is not None:
-            return _settled(skill_id, state[0], state[1])
-
-
-def _settled(skill_id: str, outcome: str, detail: str | None) -> str | EmbedderError:
-    if outcome == runs.FAILED:
-        return FailedInBatch(detail or f"skill {skill_id!r} failed in its batch")
-    return outcome
 
 
 class RunLoops:
@@ -101,3 +69,28 @@ class RunLoops:
     def stop(self) -> None:
         """Claim nothing more (the process is going away); batches in flight finish."""
         self._stopping.set()
+
+
+_loops: RunLoops | None = None
+_loops_lock = threading.Lock()
+
+
+def loops(rt: Runtime) -> RunLoops:
+    """This process's loops over `rt`, made on first use."""
+    global _loops
+    with _loops_lock:
+        if _loops is None or _loops._rt is not rt:
+            _loops = RunLoops(rt)
+        return _loops
+
+
+def reset() -> None:
+    """Forget the parent's loops after a fork: their threads were not copied."""
+    global _loops
+    _loops = None
+
+
+def stop() -> None:
+    """Before the process exits: batches in flight finish, no more are claimed."""
+    if _loops is not None:
+        _loops.stop()

@@ -1,11 +1,15 @@
-"""What task bodies need (settings, database sessions, Ollama clients), built once per process."""
+"""What task bodies need (settings, database sessions, Ollama clients), built once per process.
+
+The runtime holds resources, not work: the loops that use it (tasks.run_loops) keep their own
+state, so nothing here imports the modules that do the embedding.
+"""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import redis
 from sqlalchemy import Engine, text
@@ -15,9 +19,6 @@ from db.session import SessionFactory, make_engine, make_session_factory
 from tasks.crashes import CrashCounts
 from tasks.ollama import OllamaClients
 from tasks.slots import OllamaSlots
-
-if TYPE_CHECKING:
-    from tasks.run_loops import RunLoops
 
 
 class TaskSettings(Protocol):
@@ -101,13 +102,6 @@ class Runtime:
     def crashes(self) -> CrashCounts:
         return CrashCounts(self.redis)
 
-    @cached_property
-    def loops(self) -> RunLoops:
-        """This process's batch loops, one per run (tasks.run_loops)."""
-        from tasks.run_loops import RunLoops
-
-        return RunLoops(self)
-
     def hold_claims(self, session: Session) -> None:
         """Begin a batch's transaction: if its process stops answering (frozen, cut off),
         PostgreSQL ends it, and its claims, after `claim_seconds` of silence."""
@@ -128,18 +122,9 @@ class Runtime:
             ).scalar()
         return int(value) if value and value > 0 else None
 
-    def stop_batches(self) -> None:
-        """Before the process exits: finish the batches in flight, claim no more."""
-        if "loops" in self.__dict__:
-            self.loops.stop()
-
     def reset(self) -> None:
-        """Drop connections (after a fork: a child must not share its parent's sockets).
-
-        A fork copies no threads either: the child starts its own loops on first use.
-        """
-        for name in ("engine", "sessions", "ollama", "redis", "crashes", "loops",
-                     "column_dimensions"):  # fmt: skip
+        """Drop connections (after a fork: a child must not share its parent's sockets)."""
+        for name in ("engine", "sessions", "ollama", "redis", "crashes", "column_dimensions"):
             resource = self.__dict__.pop(name, None)
             if isinstance(resource, Engine):
                 resource.dispose(close=False)

@@ -76,10 +76,10 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
 
 def _backfill(settings: Settings, args: argparse.Namespace) -> int:
     from tasks import runtime
-    from worker.celery_app import create_app
+    from worker.celery_app import app
     from worker.operations import BackfillFailed, follow_run
 
-    app = create_app(settings)
+    runtime.install(settings)
     result = app.send_task("tasks.backfill", kwargs={"tenant_id": args.tenant, "force": args.force})
     print(f"Backfill {result.id} queued")
     if not args.wait:

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.environment import DEFAULT_REDIS_URL, ENV_FILE, check_redis_url
+
 DEFAULT_TENANT = "default-tenant-000-0000-000000000000"
 
 
@@ -49,10 +51,10 @@ def mask_url(url: str) -> str:
 class Settings(BaseSettings):
     """Environment variables (upper case) and their defaults: the README's configuration table."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=ENV_FILE, extra="ignore", frozen=True)
 
     database_url: str
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     ollama_url: str = "http://localhost:11434"
     ollama_model: str = "nomic-embed-text"
     embedding_dimensions: int = Field(default=768, ge=1, le=16000)
@@ -86,14 +88,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in {"redis", "rediss", "unix", "redis+socket"}:
-            raise ValueError("expected redis://host:6379/0")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("the port is not a number") from None
-        return value
+        return check_redis_url(value)
 
     @field_validator("ollama_url")
     @classmethod

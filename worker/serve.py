@@ -1,0 +1,98 @@
+"""What a worker (or beat) process adds to the light Celery app when it starts.
+
+Called from the loader's `init_worker` (worker.celery_app), before the worker reads its
+configuration: the full settings, the tasks' runtime, the worker's own Celery options, the
+observability signals, and the hooks of each pool process (connections, the recovery pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from tasks import run_loops, runtime
+from tasks.queues import INTERACTIVE
+from worker import logs
+from worker.observability import install_observability
+from worker.settings import ConfigError, Settings, mask_url
+
+logger = logging.getLogger(__name__)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.load()
+    except ConfigError as exc:
+        # Celery would print a traceback; an operator needs one line.
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def configure_worker(app: Celery, settings: Settings) -> None:
+    """Install the runtime and give `app` the options a consuming process runs with."""
+    runtime.install(settings)
+    logs.quiet_libraries()
+    app.conf.update(
+        # Ollama serves one embedding request at a time: more would only queue inside it.
+        worker_concurrency=1,
+        worker_prefetch_multiplier=1,
+        # Ack after the job: a worker killed mid-job leaves its message to be delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_time_limit=settings.task_time_limit_seconds,
+        broker_transport_options={
+            # Longer than any job, including a retry's countdown that the worker holds unacked.
+            "visibility_timeout": settings.broker_visibility_timeout_seconds,
+            # Drain queues in name order: "celery" and "embed" (the app's jobs) before
+            # "embed_bulk".
+            "queue_order_strategy": "sorted",
+            "unacked_restore_interval": min(10, settings.broker_visibility_timeout_seconds),
+            "unacked_restore_throttle": 1,
+        },
+        # Flower needs events; "sent" events show jobs that wait in the queue, too.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
+        task_track_started=True,
+        beat_schedule={
+            "reconcile": {
+                "task": "tasks.reconcile",
+                "schedule": settings.reconcile_interval_seconds,
+                "options": {"queue": INTERACTIVE, "expires": settings.reconcile_interval_seconds},
+            }
+        },
+    )
+    install_observability(app, settings)
+    worker_process_init.connect(_start_pool_process, weak=False, dispatch_uid="embedder-pool")
+    worker_process_shutdown.connect(_stop_batches, weak=False, dispatch_uid="embedder-stop")
+    logger.debug(
+        "broker %s, database %s", mask_url(settings.redis_url), settings.masked_database_url
+    )
+
+
+def _start_pool_process(**_: Any) -> None:
+    # A forked pool process must not reuse the parent's database or HTTP sockets.
+    rt = runtime.current()
+    rt.reset()
+    run_loops.reset()
+    # The batch loop's threads wait on Ollama and PostgreSQL while the job thread runs Python;
+    # a shorter GIL switch interval hands them the GIL sooner when their answer arrives.
+    sys.setswitchinterval(0.001)
+    # The recovery pass: runs whose items no live batch holds (their worker died, their jobs
+    # wait in its unacked messages for the visibility timeout) get a loop here, now and while
+    # they stay open, without beat.
+    threading.Thread(
+        target=run_loops.loops(rt).recover_every,
+        args=(rt.settings.recovery_interval_seconds,),
+        name="run-recovery",
+        daemon=True,
+    ).start()
+
+
+def _stop_batches(**_: Any) -> None:
+    # Batches claimed now would only wait out their lease: leave those items to their jobs.
+    run_loops.stop()
