@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,48 @@ def test_flower_shows_a_queued_job_before_a_worker_takes_it(flower: Flower, redi
     assert enqueue_embed_skill("waiting-skill", TENANT_A, broker_url=redis_url)
 
     wait_until(lambda: flower.job_state("waiting-skill") == "PENDING", 1.5, "the sent event")
+
+
+def test_flower_refuses_to_start_without_a_login(
+    flower_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    result = subprocess.run(
+        celery("flower", f"--port={port}", "--address=127.0.0.1"),
+        env=flower_env,
+        cwd=tmp_path,  # no .env, no flowerconfig.py
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert "FLOWER_BASIC_AUTH=user:password" in line
+    assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("env", "args"),
+    [
+        ({}, ["--basic-auth=admin:secret"]),
+        ({"FLOWER_AUTH": r".*@example\.com"}, []),
+    ],
+    ids=["basic-auth-option", "oauth"],
+)
+def test_flower_starts_with_another_login_setting(
+    flower_env: dict[str, str], tmp_path: Path, env: dict[str, str], args: list[str]
+) -> None:
+    port = free_port()
+    process = Process(
+        celery("flower", f"--port={port}", "--address=127.0.0.1", *args),
+        {**flower_env, **env},
+        tmp_path / "flower.log",
+    ).start()
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20.0)
+        # Behind a login either way: basic auth answers 401, OAuth sends to its login page.
+        response = httpx.get(f"http://127.0.0.1:{port}/tasks", timeout=5.0)
+        assert response.status_code in (302, 401), response.text
+    finally:
+        process.stop(timeout=1.0)

@@ -17,6 +17,7 @@ from kombu import Exchange, Queue
 
 from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
 from worker.environment import Messaging
+from worker.flower_guard import guard_flower
 
 
 class EmbedderLoader(AppLoader):
@@ -72,4 +73,6 @@ def _messaging() -> Messaging:
         raise SystemExit(2) from None
 
 
-app = create_app(_messaging())
+_settings = _messaging()
+app = create_app(_settings)
+guard_flower(_settings.flower_basic_auth)
