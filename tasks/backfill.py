@@ -13,10 +13,12 @@ from db import runs, services
 from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.embedding import tenant_config
 from tasks.errors import (
+    DatabaseUnavailable,
     DimensionMismatch,
     EmbedderError,
     OllamaNotReady,
     UnknownTenant,
+    database_error,
 )
 from tasks.queues import BULK
 from tasks.runtime import Runtime
@@ -102,12 +104,14 @@ def start_backfill(
     *,
     before_fanout: Callable[[str], None] | None = None,
     continue_later: Continuation | None = None,
+    retry_later: Callable[[str, bool, FanOutInterrupted], None] | None = None,
 ) -> dict[str, Any]:
     """Preflight, record the run, fan out one bulk job per skill that needs work.
 
     `before_fanout(run_id)` runs once the run's items are recorded, before the first job is
     queued: the worker uses it to start embedding while the jobs are still being queued.
-    `continue_later` is passed on to `fan_out`.
+    `continue_later` is passed on to `fan_out`; `retry_later` takes over a fan-out the
+    database interrupted (else the error is raised).
     """
     run_id = run_id or str(uuid.uuid4())
     if tenant_id in (None, rt.settings.default_tenant_id):
@@ -149,7 +153,12 @@ def start_backfill(
     )
     if before_fanout is not None and queued:
         before_fanout(run_id)
-    fan_out(rt, task, run_id, force=force, continue_later=continue_later)
+    try:
+        fan_out(rt, task, run_id, force=force, continue_later=continue_later)
+    except FanOutInterrupted as exc:
+        if retry_later is None:
+            raise
+        retry_later(run_id, force, exc)
     return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": queued}
 
 
@@ -169,21 +178,38 @@ def fan_out(
     behind more than a chunk of fan-out, and the queue holds about a chunk at a time.
     """
     chunk = rt.settings.backfill_chunk_size
-    while True:
+    try:
+        while True:
+            with unscoped(rt.sessions) as session:
+                items = runs.items_after(session, run_id, after, chunk)
+            # No database call from here to the end of the chunk: a database error leaves
+            # either none of it queued or all of it, and `after` says which.
+            for skill_id, tenant, _ in items:
+                _queue_job(task, run_id, skill_id, tenant, force=force)
+            if items:
+                after = (items[-1][1], items[-1][2])
+            if len(items) < chunk:
+                break
+            if continue_later is not None and after is not None:  # a full chunk: always
+                continue_later(run_id, force, after)
+                return
         with unscoped(rt.sessions) as session:
-            items = runs.items_after(session, run_id, after, chunk)
-        for skill_id, tenant, _ in items:
-            _queue_job(task, run_id, skill_id, tenant, force=force)
-        if len(items) < chunk:
-            break
-        after = (items[-1][1], items[-1][2])
-        if continue_later is not None:
-            continue_later(run_id, force, after)
-            return
-    with unscoped(rt.sessions) as session:
-        finished = runs.mark_fanned_out(session, run_id)
+            finished = runs.mark_fanned_out(session, run_id)
+    except Exception as exc:
+        error = database_error(exc)
+        if error is None:
+            raise
+        raise FanOutInterrupted(after, error) from exc
     if finished is not None:
         logger.info(finished.summary)
+
+
+class FanOutInterrupted(Exception):
+    """The database failed during a fan-out: every job up to `after` is queued, none past it."""
+
+    def __init__(self, after: runs.ItemKey | None, error: DatabaseUnavailable) -> None:
+        super().__init__(str(error))
+        self.after, self.error = after, error
 
 
 def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str, *, force: bool) -> int:

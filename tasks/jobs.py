@@ -19,7 +19,7 @@ from celery.worker.request import Request
 from db import runs
 from db.session import unscoped
 from tasks import run_loops, runtime
-from tasks.backfill import fan_out, reconcile_catalog, start_backfill
+from tasks.backfill import FanOutInterrupted, fan_out, reconcile_catalog, start_backfill
 from tasks.batching import claim, fetch, write
 from tasks.crashes import APP_JOBS
 from tasks.embedding import Embedded, EmbedRequest, Result, embed_skills, skill_name
@@ -179,20 +179,72 @@ def backfill(
         force,
         before_fanout=lambda run_id: run_loops.loops(rt).ensure(run_id, force=force),
         continue_later=_continue_fan_out,
+        retry_later=_retry_fan_out,
     )
 
 
-@shared_task(name="tasks.fan_out", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def fan_out_rest(run_id: str, force: bool, after: list[Any]) -> None:
+@shared_task(
+    name="tasks.fan_out",
+    bind=True,
+    throws=(EmbedderError,),
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def fan_out_rest(self: Task[Any, Any], run_id: str, force: bool, after: list[Any] | None) -> None:
     """The next chunk of a backfill's jobs (queued behind the previous chunk)."""
-    fan_out(
-        runtime.current(),
-        embed_skill,
-        run_id,
-        force=force,
-        after=(str(after[0]), int(after[1])),
-        continue_later=_continue_fan_out,
+    rt = runtime.current()
+    try:
+        fan_out(
+            rt,
+            embed_skill,
+            run_id,
+            force=force,
+            after=(str(after[0]), int(after[1])) if after else None,
+            continue_later=_continue_fan_out,
+        )
+    except FanOutInterrupted as exc:
+        retries = int(self.request.retries or 0)
+        if retries >= rt.settings.embed_max_retries:
+            # The run stays open: the reconcile (the worker's catch-up, or beat) queues the rest.
+            logger.warning("Fan-out of run %s stopped: %s", run_id, exc.error,
+                           extra={"run_id": run_id})  # fmt: skip
+            raise exc.error from None
+        delay = _fan_out_backoff(rt, retries)
+        logger.warning("Fan-out of run %s paused: %s; retrying in %.1f s", run_id, exc.error,
+                       delay, extra={"run_id": run_id})  # fmt: skip
+        # Resume after the last job queued: a retried chunk queues none of them again.
+        raise self.retry(
+            kwargs={"run_id": run_id, "force": force, "after": _key(exc.after)},
+            exc=exc.error,
+            countdown=delay,
+            max_retries=rt.settings.embed_max_retries,
+        ) from None
+
+
+def _retry_fan_out(run_id: str, force: bool, exc: FanOutInterrupted) -> None:
+    """The backfill's own chunk met a database error: a fan-out job takes over, after a pause."""
+    delay = _fan_out_backoff(runtime.current(), 0)
+    logger.warning("Fan-out of run %s paused: %s; retrying in %.1f s", run_id, exc.error, delay,
+                   extra={"run_id": run_id})  # fmt: skip
+    fan_out_rest.apply_async(
+        kwargs={"run_id": run_id, "force": force, "after": _key(exc.after)},
+        queue=BULK,
+        countdown=delay,
     )
+
+
+def _fan_out_backoff(rt: runtime.Runtime, retries: int) -> float:
+    settings = rt.settings
+    return backoff_seconds(
+        retries,
+        base=settings.embed_retry_backoff_seconds,
+        cap=settings.embed_retry_backoff_max_seconds,
+    )
+
+
+def _key(after: tuple[str, int] | None) -> list[Any] | None:
+    return list(after) if after is not None else None
 
 
 def _continue_fan_out(run_id: str, force: bool, after: tuple[str, int]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from devstack.fake_ollama import FakeOllama
@@ -130,3 +131,64 @@ def test_connections_cut_while_a_batch_records_and_while_one_claims_lose_nothing
     assert_run_closed_exactly(db, busy_worker, skills)
     assert FAILED_WRITE.search(busy_worker.log())
     assert "Could not claim a batch of run" in busy_worker.log()
+
+
+JOB_RECEIVED = re.compile(r"Task tasks\.embed_skill\[([0-9a-f-]+)\] received")
+FAN_OUT_ENDED = re.compile(r"Task tasks\.fan_out\[[^\]]+\] (retry|raised|succeeded)")
+
+
+def queue_drained(redis_url: str) -> bool:
+    """Nothing waits in the bulk lane and no worker holds a message (running or to retry)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return client.llen("embed_bulk") == 0 and client.hlen("unacked") == 0
+    finally:
+        client.close()
+
+
+def test_the_database_refusing_connections_mid_fan_out_queues_every_job_exactly_once(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> None:
+    # Jobs outlast the outage; the backfill queues its jobs 100 at a time.
+    env = {
+        **embedder_env,
+        "BACKFILL_CHUNK_SIZE": "100",
+        "EMBED_MAX_RETRIES": "40",
+        "EMBED_RETRY_BACKOFF_SECONDS": "0.2",
+        "EMBED_RETRY_BACKOFF_MAX_SECONDS": "1",
+    }
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 400)
+    gate = ollama.hold()
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        run_id = call_backfill(env)
+        # The first batch is with Ollama: the worker's first job waits for it, the rest of the
+        # fan-out waits behind the first chunk's jobs.
+        gate.wait_held()
+        db.execute(f"ALTER ROLE {APP_ROLE} NOLOGIN")
+        try:
+            cut_worker_connections(db)
+            gate.release()
+            wait_until(
+                lambda: FAN_OUT_ENDED.search(worker.log()),
+                timeout=60,
+                what="a fan-out chunk to meet the outage",
+            )
+        finally:
+            db.execute(f"ALTER ROLE {APP_ROLE} LOGIN")
+        wait_until(lambda: summaries(worker.log()), timeout=90, what="the summary")
+        wait_until(
+            lambda: db.scalar("SELECT fanned_out FROM embedding_runs WHERE id = :id", id=run_id),
+            timeout=60,
+            what="the run's fan-out to end",
+        )
+        wait_until(lambda: queue_drained(embedder_env["REDIS_URL"]), timeout=90,
+                   what="every queued job to run")  # fmt: skip
+    finally:
+        worker.stop()
+
+    assert len(set(JOB_RECEIVED.findall(worker.log()))) == len(skills)
+    assert summaries(worker.log()) == [(400, 400, 0)]
+    assert embedded_ids(db) == set(skills)
+    assert "Traceback" not in worker.log()
