@@ -240,7 +240,7 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
         with tenant_scope(rt.sessions, tenant) as session:
             removed += services.remove_unpublished_embeddings(session, tenant)
     if bulk_waiting:
-        logger.info("Reconcile: %d jobs still queued, re-queuing nothing", bulk_waiting)
+        logger.info("Reconcile: bulk jobs still queued or retrying, re-queuing nothing")
         return {"removed": removed, "requeued": 0, "queued": 0}
     requeued = 0
     with unscoped(rt.sessions) as session:

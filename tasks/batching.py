@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import redis
 from sqlalchemy.orm import Session
 
 from db import runs
@@ -149,6 +150,8 @@ def _outcome(result: Result) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, redis.RedisError):
+        return f"Redis did not answer ({exc})"
     return describe(database_error(exc) or exc)
 
 

@@ -8,12 +8,17 @@ in Redis, so every worker of the deployment sees them, and expire a day after th
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import redis
 
+logger = logging.getLogger(__name__)
+
 APP_JOBS = "app"  # the key for jobs outside any run
+QUIET_SECONDS = 10.0  # between two lines about the same outage
 
 
 class CrashCounts:
@@ -22,6 +27,7 @@ class CrashCounts:
     def __init__(self, client: redis.Redis, *, prefix: str = "embedder:unfinished") -> None:
         self._redis = client
         self._prefix = prefix
+        self._quiet_until = 0.0
 
     def _key(self, run_id: str | None) -> str:
         return f"{self._prefix}:{run_id or APP_JOBS}"
@@ -61,11 +67,30 @@ class CrashCounts:
         self, run_id: str | None, skill_ids: Sequence[str], *, clear_on_success: bool = False
     ) -> Iterator[None]:
         """Count the items for the block; with `clear_on_success`, a block that ends without an
-        error forgets their earlier deaths too."""
-        self.begin(run_id, skill_ids)
+        error forgets their earlier deaths too.
+
+        Redis failing does not stop the block: the items go uncounted (a death then goes
+        unnoticed), and what the block fetched is written all the same.
+        """
+        try:
+            self.begin(run_id, skill_ids)
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+            yield
+            return
         done = False
         try:
             yield
             done = clear_on_success
         finally:
-            self.end(run_id, skill_ids, done=done)
+            try:
+                self.end(run_id, skill_ids, done=done)
+            except redis.RedisError as exc:
+                # The count stays: a later claim sends these items alone, as after a death.
+                self._unavailable(exc)
+
+    def _unavailable(self, exc: redis.RedisError) -> None:
+        now = time.monotonic()
+        if now >= self._quiet_until:  # one line per outage and interval, not one per batch
+            self._quiet_until = now + QUIET_SECONDS
+            logger.warning("Cannot count embeddings in flight: Redis did not answer (%s)", exc)

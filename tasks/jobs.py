@@ -8,6 +8,8 @@ live in those modules.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from typing import Any
 
@@ -255,15 +257,28 @@ def _continue_fan_out(run_id: str, force: bool, after: tuple[str, int]) -> None:
 
 @shared_task(name="tasks.reconcile")
 def reconcile() -> dict[str, int]:
-    """Re-queue what is missing or stale and drop rows of unpublished skills (run by beat)."""
-    return reconcile_catalog(runtime.current(), embed_skill, bulk_waiting=_waiting(BULK))
+    """Re-queue what is missing or stale and drop rows of unpublished skills (run by beat, and by
+    the worker's catch-up)."""
+    return reconcile_catalog(runtime.current(), embed_skill, bulk_waiting=_bulk_jobs())
 
 
-def _waiting(queue: str) -> int:
-    """Messages waiting in a queue (not those a worker holds)."""
+def _bulk_jobs() -> int:
+    """Bulk jobs waiting in their queue, or at least one held by a worker (running, or waiting
+    out a retry's countdown): while there are any, they are the plan, not something lost."""
     with embed_skill.app.connection_for_read() as connection:
+        channel: Any = connection.default_channel  # kombu's stubs lack queue_declare
         try:
-            channel: Any = connection.default_channel  # kombu's stubs lack queue_declare
-            return int(channel.queue_declare(queue, passive=True).message_count)
+            waiting = int(channel.queue_declare(BULK, passive=True).message_count)
         except connection.channel_errors:
+            waiting = 0
+        if waiting:
+            return waiting
+        # Kombu's Redis transport keeps each held message as [message, exchange, routing key].
+        key, client = getattr(channel, "unacked_key", None), getattr(channel, "client", None)
+        if key is None or client is None:
             return 0
+        for _, held in client.hscan_iter(key, count=500):
+            with contextlib.suppress(ValueError, IndexError, TypeError):
+                if json.loads(held)[2] == BULK:
+                    return 1
+    return 0

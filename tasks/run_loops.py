@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import redis
+
 from db import runs
 from db.session import unscoped
 from tasks.batching import run_batches
@@ -44,7 +46,7 @@ class RunLoops:
             run_batches(self._rt, run_id, force=force, keep_going=self.running)
         except Exception as exc:
             # Each stage logged its own failure in one line; the rest is a bug worth a traceback.
-            if database_error(exc) is None:
+            if database_error(exc) is None and not isinstance(exc, redis.RedisError):
                 logger.exception("The batch loop of run %s stopped", run_id)
 
     def running(self) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pythonjsonlogger.json import JsonFormatter
 
 from tasks.context import job_fields
@@ -80,11 +82,36 @@ class _OneLineForLostConnections(logging.Filter):
         return True
 
 
+class _OneLineForBrokerOutages(logging.Filter):
+    """Celery logs a traceback for each job it cannot acknowledge while Redis is away; the
+    message stays with Redis and comes back, and the job then finds its outcome: one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and _broker_error(error):
+            record.msg, record.args = "%s (Redis did not answer)", (record.getMessage(),)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _broker_error(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, (redis.RedisError, KombuOperationalError, ConnectionError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def quiet_libraries() -> None:
     """httpx logs every request at INFO (a line per batch that says nothing ours does not);
-    the database pool's tracebacks for closed connections become one line."""
+    the database pool's tracebacks for closed connections, and Celery's for acknowledgements
+    Redis did not take, become one line."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Filters do not pass down to child loggers: the pool logs under its class's name.
     pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
     if not any(isinstance(f, _OneLineForLostConnections) for f in pool.filters):
         pool.addFilter(_OneLineForLostConnections())
+    acks = logging.getLogger("celery.worker.request")  # "Couldn't ack ..."
+    if not any(isinstance(f, _OneLineForBrokerOutages) for f in acks.filters):
+        acks.addFilter(_OneLineForBrokerOutages())

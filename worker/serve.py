@@ -10,14 +10,17 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import warnings
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.exceptions import CPendingDeprecationWarning
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from tasks import run_loops, runtime
+from tasks.jobs import reconcile
 from tasks.queues import INTERACTIVE
-from worker import logs
+from worker import catch_up, logs
 from worker.observability import install_observability
 from worker.settings import ConfigError, Settings, mask_url
 
@@ -58,6 +61,10 @@ def configure_worker(app: Celery, settings: Settings) -> None:
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
         task_track_started=True,
+        # A lost broker connection must not kill the job in flight: its batch's vectors are
+        # written all the same, and its message comes back if it was not acknowledged.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer="worker.consumer:EmbedderConsumer",
         beat_schedule={
             "reconcile": {
                 "task": "tasks.reconcile",
@@ -68,9 +75,19 @@ def configure_worker(app: Celery, settings: Settings) -> None:
     )
     install_observability(app, settings)
     worker_process_init.connect(_start_pool_process, weak=False, dispatch_uid="embedder-pool")
+    worker_ready.connect(_quiet_connection_loss, weak=False, dispatch_uid="embedder-quiet")
     worker_process_shutdown.connect(_stop_batches, weak=False, dispatch_uid="embedder-stop")
     logger.debug(
         "broker %s, database %s", mask_url(settings.redis_url), settings.masked_database_url
+    )
+
+
+def _quiet_connection_loss(**_: Any) -> None:
+    # Jobs are kept running through a lost broker connection on purpose (above); Celery warns
+    # about that choice in seven lines at each loss. Filtered once its logging setup has
+    # turned its own warnings on.
+    warnings.filterwarnings(
+        "ignore", r"\s*In Celery 5\.1 we introduced", CPendingDeprecationWarning
     )
 
 
@@ -91,8 +108,11 @@ def _start_pool_process(**_: Any) -> None:
         name="run-recovery",
         daemon=True,
     ).start()
+    # What a refused enqueue left stale is reconciled without beat, by one worker at a time.
+    catch_up.start(rt.redis, reconcile, rt.settings.catch_up_interval_seconds)
 
 
 def _stop_batches(**_: Any) -> None:
     # Batches claimed now would only wait out their lease: leave those items to their jobs.
     run_loops.stop()
+    catch_up.stop()

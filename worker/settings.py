@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     recovery_interval_seconds: float = Field(default=10.0, gt=0)
     backfill_chunk_size: int = Field(default=500, ge=1)
     reconcile_interval_seconds: float = Field(default=600.0, gt=0)
+    # 60 s: a job refused during a broker outage is queued at most ~75 s after it is back.
+    catch_up_interval_seconds: float = Field(default=60.0, ge=0.1, le=3600)
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     task_time_limit_seconds: int = Field(default=300, ge=1)
     flower_basic_auth: str | None = None
