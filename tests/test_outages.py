@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import redis
+
 from devstack.fake_ollama import FakeOllama
 from devstack.redis import LocalRedis
 from tasks import enqueue_embed_skill
@@ -12,6 +14,7 @@ from tests.databases import TENANT_A, Database
 from tests.processes import start_worker
 from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
+from worker.catch_up import CatchUp
 
 
 def stored_hash(db: Database, skill_id: str) -> object:
@@ -84,3 +87,18 @@ def test_redis_stopped_mid_batch_writes_its_vectors_and_logs_no_traceback(
     assert ollama.inputs == 200  # no input sent twice
     assert "Traceback" not in log
     assert "CPendingDeprecationWarning" not in log
+
+
+def test_one_worker_of_the_deployment_catches_up_at_a_time(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    runs: list[str] = []
+    first = CatchUp(client, lambda: runs.append("first"), interval=30)
+    second = CatchUp(client, lambda: runs.append("second"), interval=30)
+    try:
+        assert first.tick()
+        assert not second.tick()
+        assert not first.tick()  # its turn lasts the interval, not only the reconcile
+    finally:
+        client.close()
+
+    assert runs == ["first"]
