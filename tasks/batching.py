@@ -26,7 +26,9 @@ tried again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from sqlalchemy.orm import Session
@@ -47,6 +49,41 @@ from tasks.retry import describe
 from tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+
+class RecordedHere:
+    """Outcomes this process's batches committed, kept until the item's own job asks.
+
+    A run's job first learns whether its item is recorded; with one worker, nearly always by
+    a batch of its own process, so it needs no query. A job delivered again, or one whose item
+    another worker recorded, asks PostgreSQL (which is the record either way).
+    """
+
+    def __init__(self, runs: int = 8) -> None:
+        self._runs: OrderedDict[str, dict[str, tuple[str, str | None]]] = OrderedDict()
+        self._most = runs  # runs remembered: older ones' late jobs query instead
+        self._lock = threading.Lock()
+
+    def add(self, run_id: str, outcomes: Iterable[tuple[str, str, str | None]]) -> None:
+        with self._lock:
+            items = self._runs.setdefault(run_id, {})
+            self._runs.move_to_end(run_id)
+            items.update((skill_id, (outcome, detail)) for skill_id, outcome, detail in outcomes)
+            while len(self._runs) > self._most:
+                self._runs.popitem(last=False)
+
+    def take(self, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
+        """The item's (outcome, detail), forgotten once its job has it."""
+        with self._lock:
+            items = self._runs.get(run_id)
+            return None if items is None else items.pop(skill_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
+
+
+recorded_here = RecordedHere()
 
 
 class RunBatch:
@@ -125,6 +162,8 @@ def write(batch: RunBatch) -> list[Result]:
         ]
         recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes)
         batch.session.commit()
+        set_now = set(recorded.skill_ids)
+        recorded_here.add(batch.run_id, (o for o in outcomes if o[0] in set_now))
     except Exception as exc:
         logger.warning(
             "A batch of %d items of run %s failed while writing (%s): nothing of it was"

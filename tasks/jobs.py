@@ -20,7 +20,7 @@ from db import runs
 from db.session import unscoped
 from tasks import run_loops, runtime
 from tasks.backfill import fan_out, reconcile_catalog, start_backfill
-from tasks.batching import claim, fetch, write
+from tasks.batching import claim, fetch, recorded_here, write
 from tasks.crashes import APP_JOBS
 from tasks.embedding import Embedded, EmbedRequest, Result, embed_skills, skill_name
 from tasks.errors import (
@@ -107,8 +107,10 @@ def embed_skill(
 def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str | EmbedderError:
     """A run job: its item's outcome, recorded by whichever batch embeds it (maybe this job's)."""
     skill_id = request.skill_id
-    with unscoped(rt.sessions) as session:
-        recorded = runs.item_outcome(session, run_id, skill_id)
+    recorded = recorded_here.take(run_id, skill_id)
+    if recorded is None:
+        with unscoped(rt.sessions) as session:
+            recorded = runs.item_outcome(session, run_id, skill_id)
     if recorded is not None:
         return _settled(skill_id, *recorded)
     run_loops.loops(rt).ensure(run_id, force=request.force)

@@ -11,7 +11,7 @@ import threading
 
 from db import runs
 from db.session import unscoped
-from tasks.batching import run_batches
+from tasks.batching import recorded_here, run_batches
 from tasks.errors import database_error
 from tasks.retry import describe
 from tasks.runtime import Runtime
@@ -88,6 +88,7 @@ def reset() -> None:
     """Forget the parent's loops after a fork: their threads were not copied."""
     global _loops
     _loops = None
+    recorded_here.clear()
 
 
 def stop() -> None:
