@@ -37,9 +37,9 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from devstack import ollama_protocol as wire
-from devstack.ollama_protocol import BUSY, NO_EMBEDDINGS, TOO_LONG, vector_for
+from devstack.ollama_protocol import BUSY, NAN_OUTPUT, NO_EMBEDDINGS, TOO_LONG, vector_for
 
-__all__ = ["BUSY", "NO_EMBEDDINGS", "TOO_LONG", "FakeOllama", "main", "vector_for"]
+__all__ = ["BUSY", "NAN_OUTPUT", "NO_EMBEDDINGS", "TOO_LONG", "FakeOllama", "main", "vector_for"]
 
 # A str payload is sent as text/plain, bytes as a JSON body already encoded, anything else as JSON.
 _Reply = tuple[int, object]
@@ -184,6 +184,12 @@ class FakeOllama:
             raise ValueError(f"not an HTTP error status: {status!r}")
         self._queue(count, _Fault("fail", status=status, error=error))
 
+    def nan_for(self, match: str) -> None:
+        """The model emits NaN for any input containing `match`: Ollama answers the whole
+        request 400 `embedding contains NaN or Inf values`, as it does for such a text."""
+        with self._lock:
+            self._nan_matches.append(match)
+
     def hang_next(self, count: int, seconds: float) -> None:
         """Hold the next `count` requests for `seconds` before answering (client timeouts)."""
         if not seconds >= 0:
@@ -232,6 +238,7 @@ class FakeOllama:
             for gate in self._gates:
                 gate.release()
             self._gates = []
+            self._nan_matches: list[str] = []
             self._faults.clear()
             self._requests = self._inputs = 0
             self._texts: list[str] = []
@@ -328,6 +335,10 @@ class FakeOllama:
             if not request.truncate and any(wire.count_tokens(t) > context for t in request.inputs):
                 raise wire.Rejected(400, TOO_LONG)  # one long item fails the whole batch
             texts = [text[: context * wire.CHARS_PER_TOKEN] for text in request.inputs]
+            with self._lock:
+                nan = any(m in text for m in self._nan_matches for text in texts)
+            if nan:
+                raise wire.Rejected(400, NAN_OUTPUT)
             dimensions = (
                 request.dimensions if 0 < request.dimensions < self.dimensions else self.dimensions
             )

@@ -19,6 +19,7 @@ from celery.worker.request import Request
 from db import runs
 from db.session import unscoped
 from tasks import run_loops, runtime
+from tasks.app_lane import embed_app_job
 from tasks.backfill import fan_out, reconcile_catalog, start_backfill
 from tasks.batching import claim, fetch, recorded_here, write
 from tasks.crashes import APP_JOBS
@@ -94,7 +95,7 @@ def embed_skill(
             if isinstance(outcome, str):
                 return outcome  # recorded by its batch, which may have run before this job came
             return settle(self, outcome, skill_id, run_id)
-        [result] = _embed_alone(rt, request)
+        result = embed_app_job(rt, request)
     except Exception as exc:
         # A cut connection, a deadlock, a timeout: retried like Ollama being down.
         error = database_error(exc)
@@ -135,15 +136,6 @@ def _settled(skill_id: str, outcome: str, detail: str | None) -> str | EmbedderE
     if outcome == runs.FAILED:
         return FailedInBatch(detail or f"skill {skill_id!r} failed in its batch")
     return outcome
-
-
-def _embed_alone(rt: runtime.Runtime, request: EmbedRequest) -> list[Result]:
-    """A job from the app: counted while it runs, so a process it kills is remembered."""
-    deaths = rt.crashes.deaths(APP_JOBS, [request.skill_id]).get(request.skill_id, 0)
-    if deaths >= rt.settings.embed_max_deliveries:
-        return [WorkerDied(deaths, skill_name(rt, request.skill_id, request.tenant_id))]
-    with rt.crashes.embedding(APP_JOBS, [request.skill_id], clear_on_success=True):
-        return embed_skills(rt, [request])
 
 
 def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | None) -> str:
