@@ -15,7 +15,6 @@ from db import failures, services
 from db.models import PUBLISHED, SkillEmbedding
 from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.errors import (
-    BadEmbedding,
     DimensionMismatch,
     EmbedderError,
     OllamaRejected,
@@ -310,10 +309,14 @@ def _decide_tenant(
 def _embed_splitting(
     client: OllamaClient, texts: list[str], model: str, dimensions: int, *, urgent: bool
 ) -> list[list[float] | EmbedderError]:
-    """Embed texts in one call; when Ollama rejects the batch, halve it to isolate the bad input."""
+    """Embed texts in one call; when Ollama rejects the batch, halve it to isolate the bad input.
+
+    Only a 400 names an input. Any other error (a malformed 200 included) is the same for every
+    input of the batch, so halving would only spend requests.
+    """
     try:
         return list(client.embed(texts, model=model, dimensions=dimensions, urgent=urgent))
-    except (OllamaRejected, BadEmbedding) as exc:
+    except OllamaRejected as exc:
         if len(texts) == 1:
             return [exc]
         middle = len(texts) // 2
@@ -321,7 +324,7 @@ def _embed_splitting(
             client, texts[:middle], model, dimensions, urgent=urgent
         ) + _embed_splitting(client, texts[middle:], model, dimensions, urgent=urgent)
     except EmbedderError as exc:
-        # Server down, model missing: the same for every input of the batch.
+        # Server down, model missing, a malformed answer: the same for every input.
         return [exc] * len(texts)
 
 
