@@ -9,10 +9,11 @@ from typing import Any
 
 from celery import Task
 
-from db import runs, services
+from db import run_starts, runs, services
 from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.embedding import tenant_config
 from tasks.errors import (
+    BackfillBusy,
     DimensionMismatch,
     EmbedderError,
     OllamaNotReady,
@@ -118,6 +119,12 @@ def start_backfill(
     # The run and all its items in one transaction: a worker killed while fanning out leaves
     # either nothing or the whole run, and the redelivered message resumes the fan-out.
     with unscoped(rt.sessions) as session:
+        run_starts.lock_starts(session)
+        open_run = None
+        if runs.get_run(session, run_id) is None:
+            open_run = run_starts.open_run_overlapping(session, run_id, tenant_id)
+        if open_run is not None:
+            return _join(open_run, run_id, tenant_id, force, len(tenants))
         if runs.create_run(session, run_id, tenant_id, force):
             for tenant in tenants:
                 scope_to_tenant(session, tenant)
@@ -151,6 +158,29 @@ def start_backfill(
         before_fanout(run_id)
     fan_out(rt, task, run_id, force=force, continue_later=continue_later)
     return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": queued}
+
+
+def _join(
+    open_run: runs.RunState, run_id: str, tenant_id: str | None, force: bool, tenants: int
+) -> dict[str, Any]:
+    """A backfill started while another that holds its skills is open: each skill goes to
+    Ollama once, so it joins that run (whose summary answers both), or is refused."""
+    scope = f"tenant {open_run.tenant_id}" if open_run.tenant_id else "every tenant"
+    if not run_starts.covers(open_run, tenant_id, force):
+        forced = ", force" if open_run.force else ""
+        raise BackfillBusy(
+            f"Backfill refused: backfill {open_run.id} ({scope}{forced})"
+            " is still running and holds some of these skills: start this one after its summary"
+        )
+    logger.info(
+        "Backfill %s joins backfill %s (%s), still running: its summary answers both",
+        run_id,
+        open_run.id,
+        scope,
+        extra={"run_id": open_run.id},
+    )
+    return {"run_id": open_run.id, "joined": run_id, "tenants": tenants,
+            "total": open_run.total, "queued": 0}  # fmt: skip
 
 
 def fan_out(

@@ -63,6 +63,10 @@ class OllamaNotReady(PermanentError):
     """The preflight before a backfill failed: nothing was queued."""
 
 
+class BackfillBusy(PermanentError):
+    """An open backfill holds some of the skills a new one would take, and does not cover it."""
+
+
 class FailedInBatch(PermanentError):
     """A batch met this skill's permanent failure before its own job came; the message says why."""
 

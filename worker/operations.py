@@ -170,6 +170,12 @@ def follow_run(
                 state = runs.get_run(session, run_id)
             if state is None and result.state == "FAILURE":
                 raise BackfillFailed(str(result.result))
+            if state is None and result.state == "SUCCESS" and isinstance(result.result, dict):
+                joined = str(result.result.get("run_id", run_id))
+                if joined != run_id:  # it joined an open run: follow that one to its summary
+                    console.print(f"Joined backfill {joined}, still running")
+                    run_id = joined
+                    continue
             if state is not None:
                 progress.update(
                     bar,
