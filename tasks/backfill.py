@@ -11,6 +11,7 @@ from celery import Task
 
 from db import run_starts, runs, services
 from db.session import scope_to_tenant, tenant_scope, unscoped
+from tasks.closing import RunCloser
 from tasks.embedding import tenant_config
 from tasks.errors import (
     BackfillBusy,
@@ -19,6 +20,7 @@ from tasks.errors import (
     OllamaNotReady,
     UnknownTenant,
 )
+from tasks.progress import ProgressLog
 from tasks.queues import BULK
 from tasks.runtime import Runtime
 
@@ -211,9 +213,9 @@ def fan_out(
             continue_later(run_id, force, after)
             return
     with unscoped(rt.sessions) as session:
-        finished = runs.mark_fanned_out(session, run_id)
+        finished = runs.mark_fanned_out(session, run_id, RunCloser(rt))
     if finished is not None:
-        logger.info(finished.summary)
+        ProgressLog(rt).closed(finished)
 
 
 def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str, *, force: bool) -> int:
@@ -254,9 +256,9 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
         if not run.fanned_out:
             # Its fan-out step was lost with the queue: every pending job is queued now.
             with unscoped(rt.sessions) as session:
-                finished = runs.mark_fanned_out(session, run.id)
+                finished = runs.mark_fanned_out(session, run.id, RunCloser(rt))
             if finished is not None:
-                logger.info(finished.summary)
+                ProgressLog(rt).closed(finished)
     queued = 0
     for tenant in _enabled_tenants(rt, None):
         with tenant_scope(rt.sessions, tenant) as session:

@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from sqlalchemy.orm import Session
 
 from db import runs
+from tasks.closing import RunCloser
 from tasks.embedding import (
     Batch,
     Embedded,
@@ -55,6 +56,7 @@ class RunBatch:
     def __init__(self, rt: Runtime, run_id: str, session: Session, work: Batch) -> None:
         self.rt, self.run_id, self.session, self.work = rt, run_id, session, work
         self.skill_ids = [request.skill_id for request in work.requests]
+        self.reopened: list[str] = []  # items the run's close handed back to embed again
 
     def end(self) -> None:
         """Close the transaction (a rollback unless committed): the claims end with it."""
@@ -83,7 +85,9 @@ def claim(
         if not claimed:
             session.close()
             return None
-        requests = [EmbedRequest(skill_id, tenant, force) for skill_id, tenant in claimed]
+        requests = [
+            EmbedRequest(skill_id, tenant, force, listed=True) for skill_id, tenant in claimed
+        ]
         work = load_and_decide(rt, session, requests)
         for skill_id, count in deaths.items():
             if count >= most:
@@ -123,8 +127,10 @@ def write(batch: RunBatch) -> list[Result]:
             for skill_id, result in zip(batch.skill_ids, results, strict=True)
             if not isinstance(result, TransientError)
         ]
-        recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes)
+        closer = RunCloser(batch.rt)
+        recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes, closer)
         batch.session.commit()
+        batch.reopened = closer.reopened
     except Exception as exc:
         logger.warning(
             "A batch of %d items of run %s failed while writing (%s): nothing of it was"
@@ -142,6 +148,11 @@ def write(batch: RunBatch) -> list[Result]:
         recorded, dict(zip(batch.skill_ids, results, strict=True)), tenants
     )
     return results
+
+
+def _handed_back(writing: Future[list[Result]] | None, batch: RunBatch) -> bool:
+    """The batch was written and its run's close handed items back to be embedded again."""
+    return writing is not None and writing.exception() is None and bool(batch.reopened)
 
 
 def _outcome(result: Result) -> str:
@@ -176,8 +187,17 @@ def run_batches(
     ):
         claiming = claimer.submit(claim_next)
         writing: Future[list[Result]] | None = None
+        written: RunBatch | None = None
         try:
-            while keep_going() and (batch := claiming.result()) is not None:
+            while keep_going():
+                batch = claiming.result()
+                if batch is None:
+                    if written is None or not _handed_back(writing, written):
+                        break
+                    # The last write ended the run but handed items back: claim them now.
+                    written = writing = None
+                    claiming = claimer.submit(claim_next)
+                    continue
                 claiming = claimer.submit(claim_next)
                 went_through = fetch(batch)
                 if writing is not None:
@@ -186,7 +206,7 @@ def run_batches(
                     except BaseException:
                         batch.end()  # the database is failing: hand this batch's items back
                         raise
-                writing = writer.submit(write, batch)
+                writing, written = writer.submit(write, batch), batch
                 if not went_through:
                     # Ollama is failing: jobs retry, and the first one through restarts us.
                     reason = next(

@@ -39,6 +39,7 @@ class Outcome(StrEnum):
     REMOVED = "removed"  # the skill is not published (or gone): its row is deleted
     DISABLED = "disabled"  # the tenant has semantic similarity turned off
     SUPERSEDED = "superseded"  # the skill changed while we embedded; a newer job writes it
+    DELETED = "deleted"  # a run's skill that was deleted before its turn: no failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,9 @@ class EmbedRequest:
     skill_id: str
     tenant_id: str | None = None
     force: bool = False
+    # Read from the catalog (a run's item), not typed by someone: if the skill is gone now, it
+    # was deleted, which is no failure; for a job from the app, an unknown id is one.
+    listed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +287,9 @@ def _decide_tenant(
                     f"skill {request.skill_id!r} belongs to tenant {skill.tenant_id!r},"
                     f" not {tenant!r}: enqueue it with its own tenant id"
                 )
+            if skill is None and request.listed:
+                results[index] = Embedded(Outcome.DELETED, request.skill_id)
+                continue
             if skill is None:
                 raise SkillNotFound(
                     f"no skill {request.skill_id!r} in tenant {tenant!r}: check the id"

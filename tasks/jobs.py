@@ -117,6 +117,8 @@ def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str |
         if batch is not None:
             fetch(batch)
             results = write(batch)
+            if batch.reopened:  # the run's close handed items back: the loop embeds them
+                run_loops.loops(rt).ensure(run_id, force=request.force)
             result = results[batch.skill_ids.index(skill_id)]
             return result.outcome.value if isinstance(result, Embedded) else result
         # Another batch holds the item: wait for it to end, then see what it recorded.
