@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from sqlalchemy.orm import Session
 
-from db import runs
+from db import claims, runs
 from tasks.closing import RunCloser
 from tasks.embedding import (
     Batch,
@@ -71,7 +71,7 @@ def claim(
     session = rt.sessions()
     try:
         rt.hold_claims(session)
-        claimed = runs.claim_items(session, run_id, size, including=including)
+        claimed = claims.claim_items(session, run_id, size, including=including)
         deaths = rt.crashes.deaths(run_id, [skill_id for skill_id, _ in claimed])
         suspect = next((s for s, n in deaths.items() if 0 < n < most), None)
         if suspect is not None and len(claimed) > 1:
@@ -80,7 +80,7 @@ def claim(
             alone = including or suspect
             session.rollback()
             rt.hold_claims(session)
-            claimed = runs.claim_items(session, run_id, 1, including=alone)
+            claimed = claims.claim_items(session, run_id, 1, including=alone)
             deaths = {alone: deaths[alone]} if alone in deaths else {}
         if not claimed:
             session.close()

@@ -16,7 +16,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.worker.request import Request
 
-from db import runs
+from db import claims, runs
 from db.session import unscoped
 from tasks import run_loops, runtime
 from tasks.backfill import fan_out, reconcile_catalog, start_backfill
@@ -108,7 +108,7 @@ def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str |
     """A run job: its item's outcome, recorded by whichever batch embeds it (maybe this job's)."""
     skill_id = request.skill_id
     with unscoped(rt.sessions) as session:
-        recorded = runs.item_outcome(session, run_id, skill_id)
+        recorded = claims.item_outcome(session, run_id, skill_id)
     if recorded is not None:
         return _settled(skill_id, *recorded)
     run_loops.loops(rt).ensure(run_id, force=request.force)
@@ -123,7 +123,9 @@ def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str |
             return result.outcome.value if isinstance(result, Embedded) else result
         # Another batch holds the item: wait for it to end, then see what it recorded.
         with unscoped(rt.sessions) as session:
-            state = runs.wait_for_item(session, run_id, skill_id, timeout_seconds=rt.claim_seconds)
+            state = claims.wait_for_item(
+                session, run_id, skill_id, timeout_seconds=rt.claim_seconds
+            )
         if state is None:  # not an item of that run (a hand-made message): embed it alone
             [alone] = embed_skills(rt, [request])
             return alone.outcome.value if isinstance(alone, Embedded) else alone
