@@ -81,12 +81,12 @@ def test_malformed_answers_to_a_batch_are_retried_and_fail_no_skill(
         ollama.proxy_page_next(2)
         call_backfill(env)
         wait_until(lambda: summaries(worker.log()), what="the summary")
+        log = worker.log()  # before the stop, which may cut a job still retrying short
     finally:
         worker.stop()
 
-    assert summaries(worker.log()) == [(24, 24, 0)]
+    assert summaries(log) == [(24, 24, 0)]
     assert embedded_ids(db) == set(skills)
-    log = worker.log()
     assert "returned 7 vectors for 8 inputs" in log
     assert "answered 200 with text/html, not JSON" in log
     assert "Failed" not in log
