@@ -11,15 +11,18 @@ from typing import Any
 from celery import Task
 from kombu import Producer
 
-from db import runs, services
+from db import run_starts, runs, services
 from db.session import scope_to_tenant, tenant_scope, unscoped
+from tasks.closing import RunCloser
 from tasks.embedding import tenant_config
 from tasks.errors import (
+    BackfillBusy,
     DimensionMismatch,
     EmbedderError,
     OllamaNotReady,
     UnknownTenant,
 )
+from tasks.progress import ProgressLog
 from tasks.queues import BULK
 from tasks.runtime import Runtime
 
@@ -123,6 +126,12 @@ def start_backfill(
     # The run and all its items in one transaction: a worker killed while fanning out leaves
     # either nothing or the whole run, and the redelivered message resumes the fan-out.
     with unscoped(rt.sessions) as session:
+        run_starts.lock_starts(session)
+        open_run = None
+        if runs.get_run(session, run_id) is None:
+            open_run = run_starts.open_run_overlapping(session, run_id, tenant_id)
+        if open_run is not None:
+            return _join(open_run, run_id, tenant_id, force, len(tenants))
         if runs.create_run(session, run_id, tenant_id, force):
             for tenant in tenants:
                 scope_to_tenant(session, tenant)
@@ -158,6 +167,29 @@ def start_backfill(
     return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": queued}
 
 
+def _join(
+    open_run: runs.RunState, run_id: str, tenant_id: str | None, force: bool, tenants: int
+) -> dict[str, Any]:
+    """A backfill started while another that holds its skills is open: each skill goes to
+    Ollama once, so it joins that run (whose summary answers both), or is refused."""
+    scope = f"tenant {open_run.tenant_id}" if open_run.tenant_id else "every tenant"
+    if not run_starts.covers(open_run, tenant_id, force):
+        forced = ", force" if open_run.force else ""
+        raise BackfillBusy(
+            f"Backfill refused: backfill {open_run.id} ({scope}{forced})"
+            " is still running and holds some of these skills: start this one after its summary"
+        )
+    logger.info(
+        "Backfill %s joins backfill %s (%s), still running: its summary answers both",
+        run_id,
+        open_run.id,
+        scope,
+        extra={"run_id": open_run.id},
+    )
+    return {"run_id": open_run.id, "joined": run_id, "tenants": tenants,
+            "total": open_run.total, "queued": 0}  # fmt: skip
+
+
 def fan_out(
     rt: Runtime,
     task: Enqueuer,
@@ -187,9 +219,9 @@ def fan_out(
             continue_later(run_id, force, after)
             return
     with unscoped(rt.sessions) as session:
-        finished = runs.mark_fanned_out(session, run_id)
+        finished = runs.mark_fanned_out(session, run_id, RunCloser(rt))
     if finished is not None:
-        logger.info(finished.summary)
+        ProgressLog(rt).closed(finished)
 
 
 def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str, *, force: bool) -> int:
@@ -243,9 +275,9 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
         if not run.fanned_out:
             # Its fan-out step was lost with the queue: every pending job is queued now.
             with unscoped(rt.sessions) as session:
-                finished = runs.mark_fanned_out(session, run.id)
+                finished = runs.mark_fanned_out(session, run.id, RunCloser(rt))
             if finished is not None:
-                logger.info(finished.summary)
+                ProgressLog(rt).closed(finished)
     queued = 0
     for tenant in _enabled_tenants(rt, None):
         with tenant_scope(rt.sessions, tenant) as session:

@@ -16,7 +16,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.worker.request import Request
 
-from db import runs
+from db import claims, runs
 from db.session import unscoped
 from tasks import run_loops, runtime
 from tasks.app_lane import embed_app_job
@@ -111,7 +111,7 @@ def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str |
     recorded = recorded_here.take(run_id, skill_id)
     if recorded is None:
         with unscoped(rt.sessions) as session:
-            recorded = runs.item_outcome(session, run_id, skill_id)
+            recorded = claims.item_outcome(session, run_id, skill_id)
     if recorded is not None:
         return _settled(skill_id, *recorded)
     run_loops.loops(rt).ensure(run_id, force=request.force)
@@ -120,11 +120,15 @@ def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str |
         if batch is not None:
             fetch(batch)
             results = write(batch)
+            if batch.reopened:  # the run's close handed items back: the loop embeds them
+                run_loops.loops(rt).ensure(run_id, force=request.force)
             result = results[batch.skill_ids.index(skill_id)]
             return result.outcome.value if isinstance(result, Embedded) else result
         # Another batch holds the item: wait for it to end, then see what it recorded.
         with unscoped(rt.sessions) as session:
-            state = runs.wait_for_item(session, run_id, skill_id, timeout_seconds=rt.claim_seconds)
+            state = claims.wait_for_item(
+                session, run_id, skill_id, timeout_seconds=rt.claim_seconds
+            )
         if state is None:  # not an item of that run (a hand-made message): embed it alone
             [alone] = embed_skills(rt, [request])
             return alone.outcome.value if isinstance(alone, Embedded) else alone

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from db import runs
+from db import claims
 from db.session import unscoped
 from tasks.batching import recorded_here, run_batches
 from tasks.errors import database_error
@@ -53,7 +53,7 @@ class RunLoops:
     def recover(self) -> None:
         """Start a loop for every open run with a free item (its worker died, its jobs are lost)."""
         with unscoped(self._rt.sessions) as session:
-            open_runs = runs.runs_with_free_items(session)
+            open_runs = claims.runs_with_free_items(session)
         for run_id, force in open_runs:
             self.ensure(run_id, force=force)
 
