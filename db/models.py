@@ -101,6 +101,9 @@ class EmbeddingRun(Base):
     failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     skipped: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     fanned_out: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Skills of the run that left the catalog before it ended; counted apart from its summary.
+    unpublished: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    deleted: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -119,3 +122,5 @@ class EmbeddingRunItem(Base):
     outcome: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # False for a skill already current when the run started: listed, but no job is queued.
+    needed_work: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Result, text
 from sqlalchemy.orm import Session
 
+from db.models import PUBLISHED
 from db.services import NEEDS_WORK_SQL
 
 # How a job's outcome adds to the run's counters.
@@ -35,6 +36,8 @@ class RunState:
     fanned_out: bool
     started_at: datetime
     finished_at: datetime | None
+    unpublished: int = 0  # skills of the run unpublished before it ended (set when it ends)
+    deleted: int = 0  # and deleted
 
     @property
     def done(self) -> int:
@@ -49,10 +52,38 @@ class RunState:
     def summary(self) -> str:
         return f"Done. Embedded {self.current}/{self.total} skills. {self.failed} failures."
 
+    @property
+    def left_catalog(self) -> str | None:
+        """The line after the summary, for skills of the run that left the catalog meanwhile."""
+        left = self.unpublished + self.deleted
+        if not left:
+            return None
+        skills = "skill" if left == 1 else "skills"
+        return (
+            f"{left} {skills} left the catalog during the run"
+            f" ({self.unpublished} unpublished, {self.deleted} deleted)."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """A run's counts at its end: the summary's X (embedded + unchanged), Y (total), Z (failed)."""
+
+    embedded: int
+    unchanged: int
+    failed: int
+    skipped: int
+    unpublished: int
+    deleted: int
+
+
+# Decides, in the transaction that records a run's last outcome, the run's final counts; None
+# when it handed items back to be embedded again (the run is not over). See tasks.closing.
+Closer = Callable[[Session, str], Final | None]
 
 RUN_COLUMNS = (
     "id, tenant_id, force, total, embedded, unchanged, failed, skipped, fanned_out, started_at,"
-    " finished_at"
+    " finished_at, unpublished, deleted"
 )
 
 
@@ -88,33 +119,39 @@ def pending_count(session: Session, run_id: str) -> int:
 def add_tenant_items(
     session: Session, run_id: str, tenant_id: str, *, model: str, dimensions: int, force: bool
 ) -> tuple[int, int]:
-    """Record the tenant's skills that need work as run items; (published, queued).
+    """Record each of the tenant's published skills as a run item; (published, queued).
 
-    Runs in the tenant's scope: the selection happens in SQL, nothing is held in memory.
+    Those already current are recorded `unchanged` at once, with no job: the run still lists
+    them, so its summary can count at the end which are still published and current. Runs in
+    the tenant's scope: the selection happens in SQL, nothing is held in memory.
     """
-    queued = _rowcount(
-        session.execute(
-            text(
-                f"""
-            INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
-            SELECT :run_id, skill_id, :tenant_id, row_number() OVER (ORDER BY skill_id)
-            FROM ({NEEDS_WORK_SQL}) AS needs_work
-            ON CONFLICT DO NOTHING
+    row = session.execute(
+        text(
+            f"""
+            WITH added AS (
+                INSERT INTO embedding_run_items
+                    (run_id, skill_id, tenant_id, position, outcome, finished_at, needed_work)
+                SELECT :run_id, skills.id, :tenant_id, row_number() OVER (ORDER BY skills.id),
+                       CASE WHEN w.skill_id IS NULL THEN 'unchanged' END,
+                       CASE WHEN w.skill_id IS NULL THEN now() END,
+                       w.skill_id IS NOT NULL
+                FROM skills LEFT JOIN ({NEEDS_WORK_SQL}) AS w ON w.skill_id = skills.id
+                WHERE skills.tenant_id = :tenant_id AND skills.status = '{PUBLISHED}'
+                ON CONFLICT DO NOTHING
+                RETURNING needed_work)
+            SELECT count(*) AS published, count(*) FILTER (WHERE needed_work) AS queued
+            FROM added
             """
-            ),
-            {
-                "run_id": run_id,
-                "tenant_id": tenant_id,
-                "model": model,
-                "dimensions": dimensions,
-                "force": force,
-            },
-        )
-    )
-    published = session.execute(
-        text("SELECT count(*) FROM skills WHERE tenant_id = :t AND status = 'published'"),
-        {"t": tenant_id},
-    ).scalar_one()
+        ),
+        {
+            "run_id": run_id,
+            "tenant_id": tenant_id,
+            "model": model,
+            "dimensions": dimensions,
+            "force": force,
+        },
+    ).one()
+    published, queued = int(row.published), int(row.queued)
     session.execute(
         text(
             "UPDATE embedding_runs SET total = total + :published,"
@@ -122,7 +159,7 @@ def add_tenant_items(
         ),
         {"published": published, "current": published - queued, "id": run_id},
     )
-    return int(published), int(queued)
+    return published, queued
 
 
 def iter_pending_items(session: Session, run_id: str) -> Iterator[tuple[str, str]]:
@@ -144,11 +181,12 @@ ItemKey = tuple[str, int]  # (tenant_id, position): the order jobs are queued in
 def items_after(
     session: Session, run_id: str, after: ItemKey | None, limit: int
 ) -> list[tuple[str, str, int]]:
-    """(skill_id, tenant_id, position) of the next `limit` items in queue order, done or not."""
+    """(skill_id, tenant_id, position) of the next `limit` items in queue order that needed work
+    when the run started, done or not."""
     rows = session.execute(
         text(
             "SELECT skill_id, tenant_id, position FROM embedding_run_items"
-            " WHERE run_id = :id AND (CAST(:tenant AS text) IS NULL"
+            " WHERE run_id = :id AND needed_work AND (CAST(:tenant AS text) IS NULL"
             "   OR (tenant_id, position) > (CAST(:tenant AS text), CAST(:position AS integer)))"
             " ORDER BY tenant_id, position LIMIT :limit"
         ),
@@ -162,23 +200,28 @@ def items_after(
     return [(str(r.skill_id), str(r.tenant_id), int(r.position)) for r in rows]
 
 
-def mark_fanned_out(session: Session, run_id: str) -> RunState | None:
+def mark_fanned_out(session: Session, run_id: str, close: Closer | None = None) -> RunState | None:
     """Every item's job is queued; returns the run if that completed it."""
     session.execute(
         text("UPDATE embedding_runs SET fanned_out = true WHERE id = :id"), {"id": run_id}
     )
-    return _finish_if_complete(session, run_id)
+    return _finish_if_complete(session, run_id, close)
 
 
 def record_outcome(
-    session: Session, run_id: str, skill_id: str, outcome: str, detail: str | None = None
+    session: Session,
+    run_id: str,
+    skill_id: str,
+    outcome: str,
+    detail: str | None = None,
+    close: Closer | None = None,
 ) -> tuple[RunState, bool] | None:
     """Set the item's outcome once; (run, this call finished the run), or None if already set.
 
     A redelivered or duplicated job finds the outcome set and changes nothing: the run's counts
     and its one summary line stay right whatever was retried, killed or enqueued twice.
     """
-    recorded = record_outcomes(session, run_id, [(skill_id, outcome, detail)])
+    recorded = record_outcomes(session, run_id, [(skill_id, outcome, detail)], close)
     if not recorded.skill_ids:
         return None
     return recorded.state, recorded.finished
@@ -192,9 +235,15 @@ class Recorded:
 
 
 def record_outcomes(
-    session: Session, run_id: str, outcomes: Sequence[tuple[str, str, str | None]]
+    session: Session,
+    run_id: str,
+    outcomes: Sequence[tuple[str, str, str | None]],
+    close: Closer | None = None,
 ) -> Recorded:
-    """Set many items' outcomes (skill_id, outcome, detail) in two statements; each counts once."""
+    """Set many items' outcomes (skill_id, outcome, detail) in two statements; each counts once.
+
+    When that leaves no item pending, `close` decides the run's final counts (without it, they
+    stay as recorded)."""
     rows = session.execute(
         text(
             """
@@ -226,7 +275,7 @@ def record_outcomes(
         ),
         {"id": run_id, **counts},
     ).one()
-    finished = _finish_if_complete(session, run_id) if set_now else None
+    finished = _finish_if_complete(session, run_id, close) if set_now else None
     return Recorded(
         state=finished or _state(row),
         finished=finished is not None,
@@ -234,104 +283,43 @@ def record_outcomes(
     )
 
 
-def claim_items(
-    session: Session, run_id: str, limit: int, *, including: str | None = None
-) -> list[tuple[str, str]]:
-    """Lock up to `limit` pending items of the run for this transaction; (skill_id, tenant_id).
-
-    The claim is the row lock itself: it lasts until the transaction ends, so a process that
-    dies or loses its connection gives its items back at once, with nothing to expire. SKIP
-    LOCKED lets claimers on several hosts take batches side by side. With `including`, that
-    item comes first, and nothing is claimed unless it could be (another batch holds it).
-    """
-    claimed: list[tuple[str, str]] = []
-    if including is not None:
-        own = session.execute(
-            text(
-                "SELECT skill_id, tenant_id FROM embedding_run_items"
-                " WHERE run_id = :run AND skill_id = :skill AND outcome IS NULL"
-                " FOR UPDATE SKIP LOCKED"
-            ),
-            {"run": run_id, "skill": including},
-        ).one_or_none()
-        if own is None:
-            return []
-        claimed.append((str(own.skill_id), str(own.tenant_id)))
-    if limit > len(claimed):
-        rows = session.execute(
-            text(
-                "SELECT skill_id, tenant_id FROM embedding_run_items"
-                " WHERE run_id = :run AND outcome IS NULL"
-                "   AND skill_id IS DISTINCT FROM CAST(:skill AS text)"
-                " ORDER BY tenant_id, position LIMIT :limit FOR UPDATE SKIP LOCKED"
-            ),
-            {"run": run_id, "skill": including, "limit": limit - len(claimed)},
-        )
-        claimed += [(str(r.skill_id), str(r.tenant_id)) for r in rows]
-    return claimed
-
-
-def wait_for_item(
-    session: Session, run_id: str, skill_id: str, *, timeout_seconds: float
-) -> tuple[str | None, str | None] | None:
-    """Wait for the batch that holds the item to end, then lock it; (outcome, detail).
-
-    None when the run has no such item. A lock still held after `timeout_seconds` raises
-    sqlalchemy's OperationalError (lock_timeout), which callers treat as transient.
-    """
-    session.execute(
-        text("SELECT set_config('lock_timeout', :ms, true)"),
-        {"ms": f"{int(timeout_seconds * 1000)}ms"},
-    )
+def _finish_if_complete(
+    session: Session, run_id: str, close: Closer | None = None
+) -> RunState | None:
     row = session.execute(
         text(
-            "SELECT outcome, detail FROM embedding_run_items"
-            " WHERE run_id = :run AND skill_id = :skill FOR UPDATE"
-        ),
-        {"run": run_id, "skill": skill_id},
-    ).one_or_none()
-    return None if row is None else (row.outcome, row.detail)
-
-
-def runs_with_free_items(session: Session) -> list[tuple[str, bool]]:
-    """(run_id, force) of open runs with a pending item that no batch holds right now."""
-    rows = session.execute(
-        text(
-            """
-            SELECT r.id, r.force FROM embedding_runs r
-            WHERE r.finished_at IS NULL AND EXISTS (
-                SELECT 1 FROM embedding_run_items i
-                WHERE i.run_id = r.id AND i.outcome IS NULL
-                FOR UPDATE SKIP LOCKED)
-            ORDER BY r.started_at
-            """
-        )
-    )
-    return [(str(r.id), bool(r.force)) for r in rows]
-
-
-def item_outcome(session: Session, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
-    """(outcome, detail) already recorded for the item (by a batch that took it), if any."""
-    row = session.execute(
-        text(
-            "SELECT outcome, detail FROM embedding_run_items"
-            " WHERE run_id = :run AND skill_id = :skill AND outcome IS NOT NULL"
-        ),
-        {"run": run_id, "skill": skill_id},
-    ).one_or_none()
-    return None if row is None else (str(row.outcome), row.detail)
-
-
-def _finish_if_complete(session: Session, run_id: str) -> RunState | None:
-    row = session.execute(
-        text(
-            "UPDATE embedding_runs SET finished_at = now() WHERE id = :id AND finished_at IS NULL"
-            " AND embedded + unchanged + failed + skipped >= total"
-            f" RETURNING {RUN_COLUMNS}"
+            "SELECT total, embedded + unchanged + failed + skipped AS done FROM embedding_runs"
+            " WHERE id = :id AND finished_at IS NULL FOR UPDATE"
         ),
         {"id": run_id},
     ).one_or_none()
-    return _state(row) if row else None
+    if row is None or row.done < row.total:
+        return None
+    final = close(session, run_id) if close is not None else None
+    if close is not None and final is None:
+        return None  # items went back to be embedded again
+    values = (
+        {}
+        if final is None
+        else {
+            "embedded": final.embedded,
+            "unchanged": final.unchanged,
+            "failed": final.failed,
+            "skipped": final.skipped,
+            "unpublished": final.unpublished,
+            "deleted": final.deleted,
+            "total": final.embedded + final.unchanged + final.failed + final.skipped,
+        }
+    )
+    assignments = "".join(f", {column} = :{column}" for column in values)
+    finished = session.execute(
+        text(
+            f"UPDATE embedding_runs SET finished_at = now(){assignments} WHERE id = :id"
+            f" RETURNING {RUN_COLUMNS}"
+        ),
+        {"id": run_id, **values},
+    ).one()
+    return _state(finished)
 
 
 def get_run(session: Session, run_id: str) -> RunState | None:

@@ -16,6 +16,7 @@ Control API, for a process that did not start the fake (answers are JSON):
   POST /_fake/faults {"kind": "fail", "count": 1, "status": 500, "error": "..."}
                      {"kind": "hang", "count": 1, "seconds": 5.0}   {"kind": "drop", "count": 1}
                      {"kind": "corrupt", "count": 1, "corruption": "nan"}
+                     {"kind": "html", "count": 1}  (a proxy's HTML page, status 200)
 """
 
 from __future__ import annotations
@@ -37,11 +38,31 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from devstack import ollama_protocol as wire
-from devstack.ollama_protocol import BUSY, NO_EMBEDDINGS, TOO_LONG, vector_for
+from devstack.ollama_protocol import BUSY, NAN_OUTPUT, NO_EMBEDDINGS, TOO_LONG, vector_for
 
-__all__ = ["BUSY", "NO_EMBEDDINGS", "TOO_LONG", "FakeOllama", "main", "vector_for"]
+__all__ = [
+    "BUSY",
+    "NAN_OUTPUT",
+    "NO_EMBEDDINGS",
+    "PROXY_PAGE",
+    "TOO_LONG",
+    "FakeOllama",
+    "HtmlPage",
+    "main",
+    "vector_for",
+]
 
-# A str payload is sent as text/plain, bytes as a JSON body already encoded, anything else as JSON.
+
+class HtmlPage(str):
+    """A payload sent as text/html: what a proxy in front of Ollama answers (a login page...)."""
+
+
+PROXY_PAGE = HtmlPage(
+    "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
+    "<body><h1>Sign in to continue</h1></body></html>\n"
+)
+# A str payload is sent as text/plain (an HtmlPage as text/html), bytes as a JSON body already
+# encoded, anything else as JSON.
 _Reply = tuple[int, object]
 _KNOBS: dict[str, tuple[type, ...]] = {
     "request_latency": (int, float),
@@ -94,7 +115,7 @@ class Gate:
 
 @dataclass(frozen=True)
 class _Fault:
-    kind: str  # "fail" | "hang" | "drop" | "corrupt" | "none"
+    kind: str  # "fail" | "hang" | "drop" | "corrupt" | "html" | "none"
     status: int = 0
     error: str | None = None
     seconds: float = 0.0
@@ -184,6 +205,12 @@ class FakeOllama:
             raise ValueError(f"not an HTTP error status: {status!r}")
         self._queue(count, _Fault("fail", status=status, error=error))
 
+    def nan_for(self, match: str) -> None:
+        """The model emits NaN for any input containing `match`: Ollama answers the whole
+        request 400 `embedding contains NaN or Inf values`, as it does for such a text."""
+        with self._lock:
+            self._nan_matches.append(match)
+
     def hang_next(self, count: int, seconds: float) -> None:
         """Hold the next `count` requests for `seconds` before answering (client timeouts)."""
         if not seconds >= 0:
@@ -199,6 +226,11 @@ class FakeOllama:
         if kind not in wire.CORRUPTIONS:
             raise ValueError(f"kind must be one of {sorted(wire.CORRUPTIONS)}, not {kind!r}")
         self._queue(count, _Fault("corrupt", corruption=kind))
+
+    def proxy_page_next(self, count: int) -> None:
+        """Answer the next `count` requests 200 with an HTML page, as a proxy in front of Ollama
+        does (a login or maintenance page), without reaching the model."""
+        self._queue(count, _Fault("html"))
 
     def hold(self, match: str | None = None) -> Gate:
         """Hold every /api/embed request (or those with an input containing `match`) unanswered
@@ -232,6 +264,7 @@ class FakeOllama:
             for gate in self._gates:
                 gate.release()
             self._gates = []
+            self._nan_matches: list[str] = []
             self._faults.clear()
             self._requests = self._inputs = 0
             self._texts: list[str] = []
@@ -299,6 +332,8 @@ class FakeOllama:
                     fault.status,
                     {"error": fault.error or wire.fault_text(fault.status, body)},
                 )
+            elif fault.kind == "html":
+                reply = (200, PROXY_PAGE)
             # A hang waits outside the slot: a client's retry is not stuck behind the request
             # it abandoned.
             elif fault.kind != "drop" and not (fault.kind == "hang" and halt.wait(fault.seconds)):
@@ -328,6 +363,10 @@ class FakeOllama:
             if not request.truncate and any(wire.count_tokens(t) > context for t in request.inputs):
                 raise wire.Rejected(400, TOO_LONG)  # one long item fails the whole batch
             texts = [text[: context * wire.CHARS_PER_TOKEN] for text in request.inputs]
+            with self._lock:
+                nan = any(m in text for m in self._nan_matches for text in texts)
+            if nan:
+                raise wire.Rejected(400, NAN_OUTPUT)
             dimensions = (
                 request.dimensions if 0 < request.dimensions < self.dimensions else self.dimensions
             )
@@ -408,8 +447,10 @@ class FakeOllama:
                 self.drop_next(count)
             elif kind == "corrupt":
                 self.corrupt_next(count, fault.get("corruption", "nan"))
+            elif kind == "html":
+                self.proxy_page_next(count)
             else:
-                raise ValueError(f"kind must be fail, hang, drop or corrupt, not {kind!r}")
+                raise ValueError(f"kind must be fail, hang, drop, corrupt or html, not {kind!r}")
         except (TypeError, ValueError) as exc:
             raise wire.Rejected(400, str(exc)) from None
         return 200, {"pending_faults": self._stats()["pending_faults"]}
@@ -516,7 +557,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "text/plain" if text else "application/json")
+            kind = "text/html" if isinstance(payload, HtmlPage) else "text/plain"
+            self.send_header("Content-Type", kind if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if method != "HEAD":

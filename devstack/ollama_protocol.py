@@ -24,6 +24,7 @@ VERSION = "0.32.15"
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 NO_EMBEDDINGS = "This server does not support embeddings. Start it with `--embeddings`"
 TOO_LONG = "the input length exceeds the context length"
+NAN_OUTPUT = "embedding contains NaN or Inf values"
 CHARS_PER_TOKEN = 4
 CORRUPTIONS = frozenset({"dimensions", "nan", "count", "empty"})
 DEFAULT_ERRORS = {

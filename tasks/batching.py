@@ -26,13 +26,16 @@ tried again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 from sqlalchemy.orm import Session
 
-from db import runs
+from db import claims, runs
+from tasks.closing import RunCloser
 from tasks.embedding import (
     Batch,
     Embedded,
@@ -50,12 +53,48 @@ from tasks.runtime import Runtime
 logger = logging.getLogger(__name__)
 
 
+class RecordedHere:
+    """Outcomes this process's batches committed, kept until the item's own job asks.
+
+    A run's job first learns whether its item is recorded; with one worker, nearly always by
+    a batch of its own process, so it needs no query. A job delivered again, or one whose item
+    another worker recorded, asks PostgreSQL (which is the record either way).
+    """
+
+    def __init__(self, runs: int = 8) -> None:
+        self._runs: OrderedDict[str, dict[str, tuple[str, str | None]]] = OrderedDict()
+        self._most = runs  # runs remembered: older ones' late jobs query instead
+        self._lock = threading.Lock()
+
+    def add(self, run_id: str, outcomes: Iterable[tuple[str, str, str | None]]) -> None:
+        with self._lock:
+            items = self._runs.setdefault(run_id, {})
+            self._runs.move_to_end(run_id)
+            items.update((skill_id, (outcome, detail)) for skill_id, outcome, detail in outcomes)
+            while len(self._runs) > self._most:
+                self._runs.popitem(last=False)
+
+    def take(self, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
+        """The item's (outcome, detail), forgotten once its job has it."""
+        with self._lock:
+            items = self._runs.get(run_id)
+            return None if items is None else items.pop(skill_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
+
+
+recorded_here = RecordedHere()
+
+
 class RunBatch:
     """Claimed items of one run, their transaction (which holds the claims) and their results."""
 
     def __init__(self, rt: Runtime, run_id: str, session: Session, work: Batch) -> None:
         self.rt, self.run_id, self.session, self.work = rt, run_id, session, work
         self.skill_ids = [request.skill_id for request in work.requests]
+        self.reopened: list[str] = []  # items the run's close handed back to embed again
 
     def end(self) -> None:
         """Close the transaction (a rollback unless committed): the claims end with it."""
@@ -70,7 +109,7 @@ def claim(
     session = rt.sessions()
     try:
         rt.hold_claims(session)
-        claimed = runs.claim_items(session, run_id, size, including=including)
+        claimed = claims.claim_items(session, run_id, size, including=including)
         deaths = rt.crashes.deaths(run_id, [skill_id for skill_id, _ in claimed])
         suspect = next((s for s, n in deaths.items() if 0 < n < most), None)
         if suspect is not None and len(claimed) > 1:
@@ -79,12 +118,14 @@ def claim(
             alone = including or suspect
             session.rollback()
             rt.hold_claims(session)
-            claimed = runs.claim_items(session, run_id, 1, including=alone)
+            claimed = claims.claim_items(session, run_id, 1, including=alone)
             deaths = {alone: deaths[alone]} if alone in deaths else {}
         if not claimed:
             session.close()
             return None
-        requests = [EmbedRequest(skill_id, tenant, force) for skill_id, tenant in claimed]
+        requests = [
+            EmbedRequest(skill_id, tenant, force, listed=True) for skill_id, tenant in claimed
+        ]
         work = load_and_decide(rt, session, requests)
         for skill_id, count in deaths.items():
             if count >= most:
@@ -124,8 +165,13 @@ def write(batch: RunBatch) -> list[Result]:
             for skill_id, result in zip(batch.skill_ids, results, strict=True)
             if not isinstance(result, TransientError)
         ]
-        recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes)
+        closer = RunCloser(batch.rt)
+        recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes, closer)
         batch.session.commit()
+        batch.reopened = closer.reopened
+        # Reopened items are pending again: their jobs must not take the outcome handed back.
+        kept = set(recorded.skill_ids) - set(closer.reopened)
+        recorded_here.add(batch.run_id, (o for o in outcomes if o[0] in kept))
     except Exception as exc:
         logger.warning(
             "A batch of %d items of run %s failed while writing (%s): nothing of it was"
@@ -143,6 +189,11 @@ def write(batch: RunBatch) -> list[Result]:
         recorded, dict(zip(batch.skill_ids, results, strict=True)), tenants
     )
     return results
+
+
+def _handed_back(writing: Future[list[Result]] | None, batch: RunBatch) -> bool:
+    """The batch was written and its run's close handed items back to be embedded again."""
+    return writing is not None and writing.exception() is None and bool(batch.reopened)
 
 
 def _outcome(result: Result) -> str:
@@ -179,8 +230,17 @@ def run_batches(
     ):
         claiming = claimer.submit(claim_next)
         writing: Future[list[Result]] | None = None
+        written: RunBatch | None = None
         try:
-            while keep_going() and (batch := claiming.result()) is not None:
+            while keep_going():
+                batch = claiming.result()
+                if batch is None:
+                    if written is None or not _handed_back(writing, written):
+                        break
+                    # The last write ended the run but handed items back: claim them now.
+                    written = writing = None
+                    claiming = claimer.submit(claim_next)
+                    continue
                 claiming = claimer.submit(claim_next)
                 went_through = fetch(batch)
                 if writing is not None:
@@ -189,7 +249,7 @@ def run_batches(
                     except BaseException:
                         batch.end()  # the database is failing: hand this batch's items back
                         raise
-                writing = writer.submit(write, batch)
+                writing, written = writer.submit(write, batch), batch
                 if not went_through:
                     # Ollama is failing: jobs retry, and the first one through restarts us.
                     reason = next(

@@ -15,7 +15,6 @@ from db import failures, services
 from db.models import PUBLISHED, SkillEmbedding
 from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.errors import (
-    BadEmbedding,
     DimensionMismatch,
     EmbedderError,
     OllamaRejected,
@@ -40,6 +39,7 @@ class Outcome(StrEnum):
     REMOVED = "removed"  # the skill is not published (or gone): its row is deleted
     DISABLED = "disabled"  # the tenant has semantic similarity turned off
     SUPERSEDED = "superseded"  # the skill changed while we embedded; a newer job writes it
+    DELETED = "deleted"  # a run's skill that was deleted before its turn: no failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,9 @@ class EmbedRequest:
     skill_id: str
     tenant_id: str | None = None
     force: bool = False
+    # Read from the catalog (a run's item), not typed by someone: if the skill is gone now, it
+    # was deleted, which is no failure; for a job from the app, an unknown id is one.
+    listed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +287,9 @@ def _decide_tenant(
                     f"skill {request.skill_id!r} belongs to tenant {skill.tenant_id!r},"
                     f" not {tenant!r}: enqueue it with its own tenant id"
                 )
+            if skill is None and request.listed:
+                results[index] = Embedded(Outcome.DELETED, request.skill_id)
+                continue
             if skill is None:
                 raise SkillNotFound(
                     f"no skill {request.skill_id!r} in tenant {tenant!r}: check the id"
@@ -310,10 +316,14 @@ def _decide_tenant(
 def _embed_splitting(
     client: OllamaClient, texts: list[str], model: str, dimensions: int, *, urgent: bool
 ) -> list[list[float] | EmbedderError]:
-    """Embed texts in one call; when Ollama rejects the batch, halve it to isolate the bad input."""
+    """Embed texts in one call; when Ollama rejects the batch, halve it to isolate the bad input.
+
+    Only a 400 names an input. Any other error (a malformed 200 included) is the same for every
+    input of the batch, so halving would only spend requests.
+    """
     try:
         return list(client.embed(texts, model=model, dimensions=dimensions, urgent=urgent))
-    except (OllamaRejected, BadEmbedding) as exc:
+    except OllamaRejected as exc:
         if len(texts) == 1:
             return [exc]
         middle = len(texts) // 2
@@ -321,7 +331,7 @@ def _embed_splitting(
             client, texts[:middle], model, dimensions, urgent=urgent
         ) + _embed_splitting(client, texts[middle:], model, dimensions, urgent=urgent)
     except EmbedderError as exc:
-        # Server down, model missing: the same for every input of the batch.
+        # Server down, model missing, a malformed answer: the same for every input.
         return [exc] * len(texts)
 
 

@@ -34,8 +34,13 @@ class OllamaRejected(PermanentError):
     """Ollama refused the request itself (400): retrying the same input fails the same way."""
 
 
+class MalformedAnswer(TransientError):
+    """Ollama (or a proxy in front of it) answered 200 with no usable list of vectors: not JSON,
+    no `embeddings`, or fewer vectors than inputs. It says nothing about the inputs: retry."""
+
+
 class BadEmbedding(PermanentError):
-    """Ollama answered 200 with something we will not write: wrong count, size, or not finite."""
+    """Ollama answered 200 with vectors we will not write: the wrong size, or not finite."""
 
 
 class DimensionMismatch(PermanentError):
@@ -56,6 +61,10 @@ class UnknownTenant(PermanentError):
 
 class OllamaNotReady(PermanentError):
     """The preflight before a backfill failed: nothing was queued."""
+
+
+class BackfillBusy(PermanentError):
+    """An open backfill holds some of the skills a new one would take, and does not cover it."""
 
 
 class FailedInBatch(PermanentError):

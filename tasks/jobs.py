@@ -18,11 +18,12 @@ from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.worker.request import Request
 
-from db import runs
+from db import claims, runs
 from db.session import unscoped
 from tasks import run_loops, runtime
+from tasks.app_lane import embed_app_job
 from tasks.backfill import FanOutInterrupted, fan_out, reconcile_catalog, start_backfill
-from tasks.batching import claim, fetch, write
+from tasks.batching import claim, fetch, recorded_here, write
 from tasks.crashes import APP_JOBS
 from tasks.embedding import Embedded, EmbedRequest, Result, embed_skills, skill_name
 from tasks.errors import (
@@ -96,7 +97,7 @@ def embed_skill(
             if isinstance(outcome, str):
                 return outcome  # recorded by its batch, which may have run before this job came
             return settle(self, outcome, skill_id, run_id)
-        [result] = _embed_alone(rt, request)
+        result = embed_app_job(rt, request)
     except Exception as exc:
         # A cut connection, a deadlock, a timeout: retried like Ollama being down.
         error = database_error(exc)
@@ -109,8 +110,10 @@ def embed_skill(
 def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str | EmbedderError:
     """A run job: its item's outcome, recorded by whichever batch embeds it (maybe this job's)."""
     skill_id = request.skill_id
-    with unscoped(rt.sessions) as session:
-        recorded = runs.item_outcome(session, run_id, skill_id)
+    recorded = recorded_here.take(run_id, skill_id)
+    if recorded is None:
+        with unscoped(rt.sessions) as session:
+            recorded = claims.item_outcome(session, run_id, skill_id)
     if recorded is not None:
         return _settled(skill_id, *recorded)
     run_loops.loops(rt).ensure(run_id, force=request.force)
@@ -119,11 +122,15 @@ def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str |
         if batch is not None:
             fetch(batch)
             results = write(batch)
+            if batch.reopened:  # the run's close handed items back: the loop embeds them
+                run_loops.loops(rt).ensure(run_id, force=request.force)
             result = results[batch.skill_ids.index(skill_id)]
             return result.outcome.value if isinstance(result, Embedded) else result
         # Another batch holds the item: wait for it to end, then see what it recorded.
         with unscoped(rt.sessions) as session:
-            state = runs.wait_for_item(session, run_id, skill_id, timeout_seconds=rt.claim_seconds)
+            state = claims.wait_for_item(
+                session, run_id, skill_id, timeout_seconds=rt.claim_seconds
+            )
         if state is None:  # not an item of that run (a hand-made message): embed it alone
             [alone] = embed_skills(rt, [request])
             return alone.outcome.value if isinstance(alone, Embedded) else alone
@@ -135,15 +142,6 @@ def _settled(skill_id: str, outcome: str, detail: str | None) -> str | EmbedderE
     if outcome == runs.FAILED:
         return FailedInBatch(detail or f"skill {skill_id!r} failed in its batch")
     return outcome
-
-
-def _embed_alone(rt: runtime.Runtime, request: EmbedRequest) -> list[Result]:
-    """A job from the app: counted while it runs, so a process it kills is remembered."""
-    deaths = rt.crashes.deaths(APP_JOBS, [request.skill_id]).get(request.skill_id, 0)
-    if deaths >= rt.settings.embed_max_deliveries:
-        return [WorkerDied(deaths, skill_name(rt, request.skill_id, request.tenant_id))]
-    with rt.crashes.embedding(APP_JOBS, [request.skill_id], clear_on_success=True):
-        return embed_skills(rt, [request])
 
 
 def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | None) -> str:

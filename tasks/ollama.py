@@ -17,6 +17,7 @@ import orjson
 from tasks.errors import (
     BadEmbedding,
     DimensionMismatch,
+    MalformedAnswer,
     ModelCannotEmbed,
     ModelNotFound,
     OllamaRejected,
@@ -151,8 +152,10 @@ class OllamaClient:
             try:  # the json module reads the NaN token a broken model emits, to say so
                 body = json.loads(response.content)
             except ValueError:
-                raise BadEmbedding(
-                    f"Ollama answered /api/embed with non-JSON: {response.text[:80]!r}"
+                kind = response.headers.get("content-type", "no content type")
+                raise MalformedAnswer(
+                    f"{self.base_url}/api/embed answered 200 with {kind}, not JSON"
+                    f" ({' '.join(response.text[:80].split())!r}): a proxy in front of Ollama?"
                 ) from None
         return validate_embeddings(body, expected=len(texts), dimensions=dimensions)
 
@@ -242,9 +245,9 @@ def validate_embeddings(body: Any, *, expected: int, dimensions: int) -> list[li
     """The response's vectors, if there is one per input, each of the right size and finite."""
     vectors = body.get("embeddings") if isinstance(body, dict) else None
     if not isinstance(vectors, list):
-        raise BadEmbedding(f"Ollama's answer has no 'embeddings' list: {str(body)[:80]}")
+        raise MalformedAnswer(f"Ollama's answer has no 'embeddings' list: {str(body)[:80]}")
     if len(vectors) != expected:
-        raise BadEmbedding(f"Ollama returned {len(vectors)} vectors for {expected} inputs")
+        raise MalformedAnswer(f"Ollama returned {len(vectors)} vectors for {expected} inputs")
     for index, vector in enumerate(vectors):
         if not isinstance(vector, list) or len(vector) != dimensions:
             size = len(vector) if isinstance(vector, list) else type(vector).__name__

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from db import runs
 from db.session import unscoped
+from tasks.closing import RunCloser
 from tasks.embedding import Embedded, Result
 from tasks.failures import record_failure
 from tasks.metrics import count_job_outcome, count_outcomes
@@ -53,7 +54,13 @@ class ProgressLog:
                     extra=ids,
                 )  # fmt: skip
         if recorded.finished:
-            logger.info(state.summary, extra={"run_id": state.id})
+            self.closed(state)
+
+    def closed(self, state: runs.RunState) -> None:
+        """The run's one summary line, and the skills that left the catalog on one of their own."""
+        logger.info(state.summary, extra={"run_id": state.id})
+        if state.left_catalog is not None:
+            logger.info(state.left_catalog, extra={"run_id": state.id})
 
     def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
         tries = f" after {retries + 1} attempts" if retries else ""
@@ -63,7 +70,9 @@ class ProgressLog:
             logger.warning("Failed%s: %s: %s", tries, skill_id, reason)
             return
         with unscoped(self.rt.sessions) as session:
-            recorded = runs.record_outcome(session, run_id, skill_id, "failed", reason)
+            recorded = runs.record_outcome(
+                session, run_id, skill_id, "failed", reason, close=RunCloser(self.rt)
+            )
         if recorded is not None:
             count_outcomes(tenant, "failed")
             state, closed = recorded
@@ -71,4 +80,4 @@ class ProgressLog:
                 "[%d/%d] Failed%s: %s: %s", state.done, state.total, tries, skill_id, reason
             )
             if closed:
-                logger.info(state.summary)
+                self.closed(state)

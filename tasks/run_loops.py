@@ -11,9 +11,9 @@ import threading
 
 import redis
 
-from db import runs
+from db import claims
 from db.session import unscoped
-from tasks.batching import run_batches
+from tasks.batching import recorded_here, run_batches
 from tasks.errors import database_error
 from tasks.retry import describe
 from tasks.runtime import Runtime
@@ -55,7 +55,7 @@ class RunLoops:
     def recover(self) -> None:
         """Start a loop for every open run with a free item (its worker died, its jobs are lost)."""
         with unscoped(self._rt.sessions) as session:
-            open_runs = runs.runs_with_free_items(session)
+            open_runs = claims.runs_with_free_items(session)
         for run_id, force in open_runs:
             self.ensure(run_id, force=force)
 
@@ -90,6 +90,7 @@ def reset() -> None:
     """Forget the parent's loops after a fork: their threads were not copied."""
     global _loops
     _loops = None
+    recorded_here.clear()
 
 
 def stop() -> None:

@@ -68,6 +68,31 @@ def test_a_rejected_batch_is_split_so_only_the_bad_input_fails(
     assert "Retrying" not in worker.log()
 
 
+def test_malformed_answers_to_a_batch_are_retried_and_fail_no_skill(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 24)
+    env = {**embedder_env, "EMBED_BATCH_SIZE": "8", "EMBED_MAX_RETRIES": "8"}
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        # Enough bad answers to halve a batch of 8 down to one skill, were they blamed on it.
+        ollama.corrupt_next(2, "count")
+        ollama.proxy_page_next(2)
+        call_backfill(env)
+        wait_until(lambda: summaries(worker.log()), what="the summary")
+        log = worker.log()  # before the stop, which may cut a job still retrying short
+    finally:
+        worker.stop()
+
+    assert summaries(log) == [(24, 24, 0)]
+    assert embedded_ids(db) == set(skills)
+    assert "returned 7 vectors for 8 inputs" in log
+    assert "answered 200 with text/html, not JSON" in log
+    assert "Failed" not in log
+    assert "Traceback" not in log
+
+
 def test_a_publish_during_a_long_backfill_is_embedded_before_it_ends(
     db: Database, batch_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from db import runs
+from db import claims, runs
 from db.session import SessionFactory
 from tests.databases import APP_ROLE, Database
 
@@ -26,9 +26,9 @@ def queue_order(db: Database, run_id: str) -> list[str]:
 
 def test_two_claimers_never_get_the_same_item(sessions: SessionFactory, pending_run: str) -> None:
     with sessions() as first, sessions() as second, sessions() as third:
-        a = ids(runs.claim_items(first, pending_run, 4))
-        b = ids(runs.claim_items(second, pending_run, 4))
-        c = ids(runs.claim_items(third, pending_run, 4))
+        a = ids(claims.claim_items(first, pending_run, 4))
+        b = ids(claims.claim_items(second, pending_run, 4))
+        c = ids(claims.claim_items(third, pending_run, 4))
 
     assert len(a) == len(b) == 4
     assert len(c) == 2  # what neither had taken
@@ -39,10 +39,10 @@ def test_a_claim_ends_with_its_transaction_and_the_items_are_claimed_again(
     db: Database, sessions: SessionFactory, pending_run: str
 ) -> None:
     with sessions() as first:
-        taken = ids(runs.claim_items(first, pending_run, 3))
+        taken = ids(claims.claim_items(first, pending_run, 3))
         first.rollback()  # a batch that failed: nothing recorded
         with sessions() as second:
-            again = ids(runs.claim_items(second, pending_run, 3))
+            again = ids(claims.claim_items(second, pending_run, 3))
 
     assert taken == again == queue_order(db, pending_run)[:3]
 
@@ -51,7 +51,7 @@ def test_a_claim_held_by_a_connection_that_was_cut_is_free_at_once(
     db: Database, sessions: SessionFactory, pending_run: str
 ) -> None:
     first = sessions()
-    taken = ids(runs.claim_items(first, pending_run, 3))
+    taken = ids(claims.claim_items(first, pending_run, 3))
     db.scalar(
         "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
         " WHERE usename = :role AND state = 'idle in transaction'",
@@ -59,7 +59,7 @@ def test_a_claim_held_by_a_connection_that_was_cut_is_free_at_once(
     )
 
     with sessions() as second:
-        assert ids(runs.claim_items(second, pending_run, 3)) == taken
+        assert ids(claims.claim_items(second, pending_run, 3)) == taken
     with pytest.raises(OperationalError):
         runs.record_outcomes(first, pending_run, [(taken[0], "embedded", None)])
     first.close()
@@ -70,9 +70,9 @@ def test_a_job_claims_a_batch_led_by_its_own_item_or_nothing_while_another_holds
 ) -> None:
     order = queue_order(db, pending_run)
     with sessions() as batch, sessions() as job:
-        assert ids(runs.claim_items(batch, pending_run, 3)) == order[:3]
-        assert runs.claim_items(job, pending_run, 3, including=order[1]) == []
-        led = ids(runs.claim_items(job, pending_run, 3, including=order[7]))
+        assert ids(claims.claim_items(batch, pending_run, 3)) == order[:3]
+        assert claims.claim_items(job, pending_run, 3, including=order[1]) == []
+        led = ids(claims.claim_items(job, pending_run, 3, including=order[7]))
 
     assert led == [order[7], order[3], order[4]]
 
@@ -82,7 +82,7 @@ def test_waiting_for_an_item_returns_what_its_batch_recorded(
 ) -> None:
     skill = queue_order(db, pending_run)[0]
     batch = sessions()
-    runs.claim_items(batch, pending_run, 1)
+    claims.claim_items(batch, pending_run, 1)
     seen: list[tuple[str | None, str | None] | None] = []
     waiter = threading.Thread(
         target=lambda: seen.append(_wait(sessions, pending_run, skill)), daemon=True
@@ -102,7 +102,7 @@ def _wait(
     sessions: SessionFactory, pending_run: str, skill: str
 ) -> tuple[str | None, str | None] | None:
     with sessions.begin() as session:
-        return runs.wait_for_item(session, pending_run, skill, timeout_seconds=10)
+        return claims.wait_for_item(session, pending_run, skill, timeout_seconds=10)
 
 
 def test_an_outcome_is_recorded_once_when_two_recorders_race(
@@ -144,7 +144,7 @@ def test_a_run_finishes_exactly_once_when_its_last_items_are_recorded_side_by_si
 
     def record(skill: str) -> None:
         with sessions() as session:
-            runs.claim_items(session, pending_run, 1, including=skill)
+            claims.claim_items(session, pending_run, 1, including=skill)
             barrier.wait()
             finished.append(runs.record_outcomes(session, pending_run, [(skill, "embedded", None)])
                             .finished)  # fmt: skip
@@ -165,10 +165,10 @@ def test_a_run_whose_pending_items_are_all_held_is_not_offered_for_recovery(
     sessions: SessionFactory, pending_run: str
 ) -> None:
     with sessions() as holder:
-        runs.claim_items(holder, pending_run, 9)
+        claims.claim_items(holder, pending_run, 9)
         with sessions.begin() as session:
-            assert runs.runs_with_free_items(session) == [(pending_run, False)]
+            assert claims.runs_with_free_items(session) == [(pending_run, False)]
     with sessions() as holder:
-        runs.claim_items(holder, pending_run, 10)
+        claims.claim_items(holder, pending_run, 10)
         with sessions.begin() as session:
-            assert runs.runs_with_free_items(session) == []
+            assert claims.runs_with_free_items(session) == []

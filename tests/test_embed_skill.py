@@ -173,7 +173,7 @@ def test_a_model_that_is_not_pulled_fails_once_with_what_to_do(
 
 @pytest.mark.parametrize(
     ("kind", "message"),
-    [("dimensions", "vector of 769 dimensions"), ("nan", "NaN or Inf"), ("count", "0 vectors")],
+    [("dimensions", "vector of 769 dimensions"), ("nan", "NaN or Inf")],
 )
 def test_a_bad_answer_writes_nothing(
     db: Database,
@@ -192,6 +192,40 @@ def test_a_bad_answer_writes_nothing(
     wait_until(lambda: message in worker.log(), what="the rejection")
     assert row_hash(db, skill) is None
     assert "Retrying" not in worker.log()
+
+
+@pytest.mark.parametrize(
+    ("kind", "line"),
+    [
+        ("count", "Ollama returned 0 vectors for 1 inputs"),
+        ("html", "answered 200 with text/html, not JSON"),
+    ],
+)
+def test_a_malformed_answer_is_retried_and_the_skill_embedded(
+    db: Database,
+    tenant: str,
+    worker: Process,
+    redis_url: str,
+    ollama: FakeOllama,
+    kind: str,
+    line: str,
+) -> None:
+    if kind == "html":
+        ollama.proxy_page_next(2)  # a proxy in front of Ollama answers with its own page
+    else:
+        ollama.corrupt_next(2, kind)
+    skill = db.add_skill(tenant, "Tag customer feedback", "By theme and sentiment")
+
+    enqueue(redis_url, skill)
+
+    text = skill_text("Tag customer feedback", "By theme and sentiment")
+    wait_until(lambda: row_hash(db, skill) == input_hash(text), what="the embedding row")
+    wait_until(lambda: "Embedded: Tag customer feedback" in worker.log(), what="the job's line")
+    retries = [entry for entry in worker.log().splitlines() if "Retrying" in entry]
+    assert len(retries) == 2
+    assert all(line in entry for entry in retries)
+    assert "Failed" not in worker.log()
+    assert "Traceback" not in worker.log()
 
 
 def test_two_jobs_for_one_skill_leave_the_newest_text(

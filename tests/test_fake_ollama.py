@@ -361,6 +361,18 @@ def test_corrupt_empty_sends_no_embeddings(fake: FakeOllama, client: httpx.Clien
     assert embed(client, input=["a", "b"]).json()["embeddings"] == []
 
 
+def test_a_proxy_page_is_a_200_html_answer_that_never_reaches_the_model(
+    fake: FakeOllama, client: httpx.Client
+) -> None:
+    fake.proxy_page_next(1)
+    response = embed(client, input=["a", "b"])
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html"
+    assert response.text.startswith("<!DOCTYPE html>")
+    assert fake.inputs == 0
+    assert embed(client, input=["a"]).json()["embeddings"] == [vector_for("a")]
+
+
 def test_fault_arguments_are_checked(fake: FakeOllama) -> None:
     with pytest.raises(ValueError, match="kind"):
         fake.corrupt_next(1, "garbled")
@@ -440,14 +452,16 @@ def test_control_faults_are_injected_over_http(fake: FakeOllama, client: httpx.C
         {"kind": "fail", "count": 1, "status": 500},
         {"kind": "corrupt", "count": 1, "corruption": "empty"},
         {"kind": "drop", "count": 1},
+        {"kind": "html", "count": 1},
     ]
     for fault in faults:
         assert client.post("/_fake/faults", json=fault).status_code == 200
-    assert client.get("/_fake/stats").json()["pending_faults"] == 3
+    assert client.get("/_fake/stats").json()["pending_faults"] == 4
     assert embed(client, input="x").status_code == 500
     assert embed(client, input="x").json()["embeddings"] == []
     with pytest.raises(httpx.RemoteProtocolError):
         embed(client, input="x")
+    assert embed(client, input="x").headers["content-type"] == "text/html"
     assert client.post("/_fake/faults", json={"kind": "melt"}).status_code == 400
 
 

@@ -12,6 +12,7 @@ from devstack.fake_ollama import FakeOllama, vector_for
 from tasks.errors import (
     BadEmbedding,
     DimensionMismatch,
+    MalformedAnswer,
     ModelCannotEmbed,
     ModelNotFound,
     OllamaRejected,
@@ -116,8 +117,6 @@ def test_a_dropped_connection_is_transient(client: OllamaClient, ollama: FakeOll
     [
         ("dimensions", "vector of 769 dimensions where 768 are configured"),
         ("nan", "NaN or Inf"),
-        ("count", "returned 1 vectors for 2 inputs"),
-        ("empty", "returned 0 vectors for 2 inputs"),
     ],
 )
 def test_an_answer_we_would_not_write_is_a_bad_embedding(
@@ -128,6 +127,28 @@ def test_an_answer_we_would_not_write_is_a_bad_embedding(
     with pytest.raises(BadEmbedding, match=message) as caught:
         embed(client, "a", "b")
     assert isinstance(caught.value, PermanentError)
+
+
+@pytest.mark.parametrize(
+    ("corruption", "message"),
+    [
+        ("count", "returned 1 vectors for 2 inputs"),
+        ("empty", "returned 0 vectors for 2 inputs"),
+        ("html", "answered 200 with text/html, not JSON .*a proxy in front of Ollama"),
+    ],
+)
+def test_a_malformed_answer_is_transient(
+    client: OllamaClient, ollama: FakeOllama, corruption: str, message: str
+) -> None:
+    if corruption == "html":
+        ollama.proxy_page_next(1)
+    else:
+        ollama.corrupt_next(1, corruption)
+
+    with pytest.raises(MalformedAnswer, match=message) as caught:
+        embed(client, "a", "b")
+    assert isinstance(caught.value, TransientError)
+    assert "\n" not in str(caught.value)
 
 
 def test_a_path_that_is_not_ollama_is_refused_permanently(ollama: FakeOllama) -> None:

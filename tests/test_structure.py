@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from celery import Celery
+
 from devstack.fake_ollama import FakeOllama
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
@@ -162,6 +164,20 @@ def test_celery_call_sends_without_loading_tasks_or_heavy_libraries(
         )
     finally:
         worker.stop()
+
+
+def test_a_worker_runs_one_job_at_a_time_and_reserves_no_other(
+    worker: Process, embedder_env: dict[str, str]
+) -> None:
+    # Options the worker's command line reads before the tasks and settings load.
+    app = Celery("inspect", broker=embedder_env["REDIS_URL"], set_as_current=False)
+    try:
+        stats = app.control.inspect(timeout=5).stats() or {}
+    finally:
+        app.close()
+    [node] = stats.values()
+    assert node["pool"]["max-concurrency"] == 1
+    assert node["prefetch_count"] == 1
 
 
 def test_a_worker_without_database_url_says_so_in_one_line(

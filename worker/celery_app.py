@@ -40,6 +40,11 @@ def create_app(messaging: Messaging) -> Celery:
         include=["tasks.jobs"],
     )
     app.conf.update(
+        # Ollama serves one embedding request at a time: more would only queue inside it. Here,
+        # not with the worker's other options: `celery worker` reads these two while it parses
+        # its command line, before the loader's init_worker runs.
+        worker_concurrency=1,
+        worker_prefetch_multiplier=1,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -91,6 +91,8 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(state.summary)
+    if state.left_catalog is not None:
+        print(state.left_catalog)
     return 0 if state.failed == 0 else 1
 
 

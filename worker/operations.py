@@ -60,8 +60,10 @@ def describe_run(state: runs.RunState | None) -> str:
     if state is None:
         return "No backfill has run yet."
     if state.finished_at is not None:
-        return f"Last backfill {state.id} finished {state.finished_at:%Y-%m-%d %H:%M:%S}: " + (
-            state.summary
+        left = f" {state.left_catalog}" if state.left_catalog else ""
+        return (
+            f"Last backfill {state.id} finished {state.finished_at:%Y-%m-%d %H:%M:%S}:"
+            f" {state.summary}{left}"
         )
     return (
         f"Backfill {state.id} running since {state.started_at:%Y-%m-%d %H:%M:%S}:"
@@ -139,6 +141,7 @@ def run_document(run: runs.RunState, pending: int) -> dict[str, Any]:
         "unchanged": run.unchanged,
         "failed": run.failed,
         "skipped": run.skipped,
+        "left_catalog": {"unpublished": run.unpublished, "deleted": run.deleted},
         "started_at": run.started_at.isoformat(),
         "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
         "summary": run.summary if run.finished_at is not None else None,
@@ -170,6 +173,12 @@ def follow_run(
                 state = runs.get_run(session, run_id)
             if state is None and result.state == "FAILURE":
                 raise BackfillFailed(str(result.result))
+            if state is None and result.state == "SUCCESS" and isinstance(result.result, dict):
+                joined = str(result.result.get("run_id", run_id))
+                if joined != run_id:  # it joined an open run: follow that one to its summary
+                    console.print(f"Joined backfill {joined}, still running")
+                    run_id = joined
+                    continue
             if state is not None:
                 progress.update(
                     bar,

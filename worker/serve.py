@@ -41,9 +41,6 @@ def configure_worker(app: Celery, settings: Settings) -> None:
     runtime.install(settings)
     logs.quiet_libraries()
     app.conf.update(
-        # Ollama serves one embedding request at a time: more would only queue inside it.
-        worker_concurrency=1,
-        worker_prefetch_multiplier=1,
         # Ack after the job: a worker killed mid-job leaves its message to be delivered again.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

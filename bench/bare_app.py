@@ -1,0 +1,31 @@
+"""A bare Celery app with the worker's own options and one no-op task: the floor a job costs.
+
+`celery -A bench.bare_app worker` consumes `bare.noop` with concurrency 1, late acks, prefetch 1
+and task events on, as `celery -A worker worker` does; bench.from_command measures its CPU per
+job beside the embedder's CPU per skill.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+app = Celery("bare", broker=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    worker_concurrency=1,
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    task_track_started=True,
+    task_default_queue="bare",
+)
+
+
+@app.task(name="bare.noop", ignore_result=True, acks_late=True)
+def noop(skill_id: str, tenant_id: str, run_id: str) -> str:
+    return "unchanged"

@@ -1,0 +1,173 @@
+"""The app's lane: app jobs that wait together are embedded together, each keeping its own job."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from celery import Celery
+
+from devstack.fake_ollama import FakeOllama
+from tasks.queues import EMBED_SKILL, INTERACTIVE
+from tasks.text import input_hash, skill_text
+from tests.databases import TENANT_A, Database
+from tests.processes import Process, start_worker
+from tests.test_backfill import embedded_ids
+from tests.waiting import wait_until
+
+
+@pytest.fixture
+def producer(embedder_env: dict[str, str]) -> Iterator[Celery]:
+    """Sends `tasks.embed_skill` exactly as `enqueue_embed_skill` does, keeping each job's id."""
+    app = Celery("app", broker=embedder_env["REDIS_URL"], set_as_current=False)
+    app.conf.task_send_sent_event = True
+    yield app
+    app.close()
+
+
+def publish(producer: Celery, skill_id: str) -> str:
+    result = producer.send_task(
+        EMBED_SKILL, args=[skill_id], kwargs={"tenant_id": TENANT_A}, queue=INTERACTIVE
+    )
+    return str(result.id)
+
+
+def job_results(log: str) -> dict[str, str]:
+    """Each job's result as the worker logs it: 'embedded', or the error it failed with."""
+    results = dict(re.findall(r"tasks\.embed_skill\[([0-9a-f-]+)\] succeeded in \S+: '(\w+)'", log))
+    results.update(re.findall(r"tasks\.embed_skill\[([0-9a-f-]+)\] raised expected: (.+)", log))
+    return results
+
+
+def row_hash(db: Database, skill_id: str) -> object:
+    return db.scalar("SELECT input_hash FROM skill_embeddings WHERE skill_id = :s", s=skill_id)
+
+
+def catalog(db: Database, count: int, label: str = "Imported skill") -> list[str]:
+    return [
+        db.add_skill(TENANT_A, f"{label} {i:03d}", f"Imported number {i}") for i in range(count)
+    ]
+
+
+def burst_behind_a_leader(db: Database, ollama: FakeOllama, producer: Celery,
+                          skills: list[str]) -> dict[str, str]:  # fmt: skip
+    """Queue `skills` as app jobs while the worker's one job (a leader) is with Ollama, so that
+    they wait together, as a reviewer's approvals do; returns each skill's job id."""
+    leader = db.add_skill(TENANT_A, "Leader skill", "Published just before the burst")
+    gate = ollama.hold()
+    publish(producer, leader)
+    gate.wait_held()
+    jobs = {skill: publish(producer, skill) for skill in skills}
+    gate.release()
+    return jobs
+
+
+def test_a_burst_of_app_jobs_goes_to_ollama_in_batches_and_each_job_has_its_outcome(
+    db: Database, worker: Process, ollama: FakeOllama, producer: Celery
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = catalog(db, 40)
+
+    jobs = burst_behind_a_leader(db, ollama, producer, skills)
+
+    wait_until(lambda: set(skills) <= embedded_ids(db), what="every skill of the burst")
+    wait_until(lambda: set(jobs.values()) <= job_results(worker.log()).keys(), what="every job")
+    results = job_results(worker.log())
+    assert {results[jobs[skill]] for skill in skills} == {"embedded"}
+    # The leader alone, then the burst: 31 companions with the first job, the rest with the next.
+    assert ollama.batch_sizes == [1, 32, 8]
+    assert ollama.inputs == 41
+
+
+def test_an_app_job_whose_text_ollama_refuses_fails_alone_and_its_batch_is_embedded(
+    db: Database, worker: Process, ollama: FakeOllama, producer: Celery
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = catalog(db, 6)
+    broken = db.add_skill(TENANT_A, "Broken skill", "GLITCH makes the model emit NaN")
+    skills.insert(3, broken)
+    ollama.nan_for("GLITCH")
+
+    jobs = burst_behind_a_leader(db, ollama, producer, skills)
+
+    fine = set(skills) - {broken}
+    wait_until(lambda: fine <= embedded_ids(db), what="the rest of the burst")
+    wait_until(lambda: set(jobs.values()) <= job_results(worker.log()).keys(), what="every job")
+    results = job_results(worker.log())
+    assert "embedding contains NaN or Inf values" in results[jobs[broken]]
+    assert {results[jobs[skill]] for skill in fine} == {"embedded"}
+    assert broken not in embedded_ids(db)
+    assert "embedding contains NaN or Inf values" in worker.log()
+    assert "Retrying" not in worker.log()
+
+
+@pytest.fixture
+def fast_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
+    """A worker whose Ollama slot frees itself soon after a killed process (a short timeout)."""
+    env = {**embedder_env, "OLLAMA_TIMEOUT_SECONDS": "1", "EMBED_MAX_DELIVERIES": "3"}
+    process = start_worker(env, tmp_path / "worker.log")
+    yield process
+    process.stop()
+
+
+def test_a_skill_in_a_burst_that_kills_the_pool_process_is_isolated_and_given_up(
+    db: Database, fast_worker: Process, ollama: FakeOllama, producer: Celery
+) -> None:
+    worker = fast_worker
+    db.add_tenant(TENANT_A)
+    skills = catalog(db, 12)
+    poison = db.add_skill(TENANT_A, "Poison pill", "POISON kills whoever embeds it")
+    skills.insert(5, poison)
+    jobs = burst_behind_a_leader(db, ollama, producer, skills)
+
+    kills = 0
+    gate = ollama.hold(match="POISON")
+    deadline = time.monotonic() + 90
+    while jobs[poison] not in job_results(worker.log()) and time.monotonic() < deadline:
+        try:
+            gate.wait_held(timeout=1)
+        except TimeoutError:
+            continue
+        assert worker.process is not None
+        [child] = psutil.Process(worker.process.pid).children()
+        child.kill()  # as the OOM killer would: SIGKILL, no cleanup
+        child.wait()
+        kills += 1
+        gate.release()  # answers into the dead connection
+        gate = ollama.hold(match="POISON")
+    gate.release()
+
+    assert kills == 3
+    fine = set(skills) - {poison}
+    wait_until(lambda: fine <= embedded_ids(db), what="the rest of the burst")
+    assert poison not in embedded_ids(db)
+    died = "the worker process died 3 times while embedding Poison pill"
+    assert died in job_results(worker.log())[jobs[poison]]
+
+
+def test_an_edit_that_arrives_while_an_older_job_is_in_a_batch_wins(
+    db: Database, worker: Process, ollama: FakeOllama, producer: Celery
+) -> None:
+    db.add_tenant(TENANT_A)
+    others = catalog(db, 3)
+    skill = db.add_skill(TENANT_A, "Summarise tickets", "FIRST draft of the text")
+    first = ollama.hold(match="FIRST")
+    jobs = burst_behind_a_leader(db, ollama, producer, [skill, *others])
+    first.wait_held()  # the skill's older text is with Ollama, with its companions
+
+    db.edit_skill(skill, description="Second, final text")
+    newer = publish(producer, skill)
+    first.release()
+
+    newest = skill_text("Summarise tickets", "Second, final text")
+    wait_until(lambda: row_hash(db, skill) == input_hash(newest), what="the newest text's row")
+    wait_until(lambda: newer in job_results(worker.log()), what="the newer job")
+    results = job_results(worker.log())
+    assert results[jobs[skill]] == "superseded"
+    assert results[newer] == "embedded"
+    assert {results[jobs[other]] for other in others} == {"embedded"}
+    assert set(others) <= embedded_ids(db)

@@ -1,0 +1,177 @@
+"""Backfills meeting each other and a catalog that changes under a run, on real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from devstack.fake_ollama import FakeOllama
+from tasks import enqueue_embed_skill
+from tasks.queues import INTERACTIVE
+from tests.databases import TENANT_A, Database
+from tests.processes import Process, celery, start_worker
+from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
+from tests.waiting import wait_until
+
+
+def all_logs(workers: list[Process]) -> str:
+    return "\n".join(worker.log() for worker in workers)
+
+
+def backfill_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "worker", "backfill", *args]
+
+
+def test_two_backfills_started_together_send_each_skill_to_ollama_once(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 120)
+    env = {**embedder_env, "EMBED_BATCH_SIZE": "8"}
+    # Ollama holds every batch: the first run is still open whatever the second one does.
+    gate = ollama.hold()
+    # A script and an operator: both backfills are queued before any worker takes one, so the
+    # two workers start them side by side.
+    queued = subprocess.run(backfill_command(), env=env, capture_output=True, text=True)
+    assert queued.returncode == 0, queued.stderr
+    waiting = subprocess.Popen(
+        backfill_command("--wait", "--timeout", "120"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    broker = redis.Redis.from_url(env["REDIS_URL"])
+    wait_until(lambda: broker.llen(INTERACTIVE) == 2, what="both backfills to be queued")
+    workers = [
+        Process(
+            celery("worker", "--loglevel=INFO", f"--hostname=w{i}@%h", "--without-mingle",
+                   "--without-gossip"),
+            env, tmp_path / f"w{i}.log",
+        ).start()
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        for worker in workers:
+            worker.wait_for(lambda log: "ready." in log, 60, "the worker to be ready")
+        wait_until(lambda: "joins backfill" in all_logs(workers), what="the second to join")
+        gate.release()
+        out, err = waiting.communicate(timeout=120)
+        wait_until(lambda: summaries(all_logs(workers)), what="the summary")
+    finally:
+        gate.release()
+        waiting.kill()
+        for worker in workers:
+            worker.stop()
+
+    logs = all_logs(workers)
+    assert summaries(logs) == [(120, 120, 0)]
+    assert len([line for line in logs.splitlines() if "joins backfill" in line]) == 1
+    assert embedded_ids(db) == set(skills)
+    texts = ollama.texts
+    assert len(texts) == len(set(texts)) == 120
+    assert waiting.returncode == 0, err
+    assert out.strip().endswith("Done. Embedded 120/120 skills. 0 failures.")
+
+
+def status_json(env: dict[str, str]) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_a_skill_deleted_or_unpublished_during_a_run_is_no_failure(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 40)
+    order = sorted(skills)  # the run's queue order
+    names = {skill: f"Catalog skill {i:04d}" for i, skill in enumerate(skills)}
+    env = {**embedder_env, "EMBED_BATCH_SIZE": "8"}
+    worker = start_worker(env, tmp_path / "worker.log")
+    gate = ollama.hold(names[order[16]])
+    try:
+        call_backfill(env)
+        gate.wait_held()
+        db.execute("DELETE FROM skills WHERE id = :id", id=order[30])
+        db.edit_skill(order[35], status="draft")
+        gate.release()
+        wait_until(lambda: summaries(worker.log()), what="the summary")
+    finally:
+        gate.release()
+        worker.stop()
+
+    log = worker.log()
+    assert summaries(log) == [(38, 38, 0)]
+    summary = log.splitlines().index(next(line for line in log.splitlines() if "Done." in line))
+    assert log.splitlines()[summary + 1].endswith(
+        "2 skills left the catalog during the run (1 unpublished, 1 deleted)."
+    )
+    assert "Failed" not in log
+    assert "check the id" not in log
+    assert embedded_ids(db) == set(order) - {order[30], order[35]}
+    run = status_json(env)["run"]
+    assert (run["total"], run["failed"]) == (38, 0)
+    assert run["left_catalog"] == {"unpublished": 1, "deleted": 1}
+
+
+def test_the_summary_is_exact_when_the_catalog_changes_during_the_run(
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
+) -> None:
+    db.add_tenant(TENANT_A)
+    skills = published_catalog(db, 60)
+    order = sorted(skills)
+    names = {skill: f"Catalog skill {i:04d}" for i, skill in enumerate(skills)}
+    env = {**embedder_env, "EMBED_BATCH_SIZE": "8"}
+    worker = start_worker(env, tmp_path / "worker.log")
+    gate = ollama.hold(names[order[16]])
+    operator = subprocess.Popen(
+        backfill_command("--wait", "--timeout", "120"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        gate.wait_held()
+        db.execute("DELETE FROM skills WHERE id = :id", id=order[40])
+        db.edit_skill(order[50], status="draft")
+        # Edits of skills already embedded, in the batch at Ollama, and not yet claimed, each
+        # followed by the app's job.
+        for skill in [*order[0:8], *order[16:24], *order[30:34]]:
+            db.edit_skill(skill, description=f"Edited while the backfill runs: {skill}")
+            assert enqueue_embed_skill(skill, TENANT_A, broker_url=env["REDIS_URL"])
+        gate.release()
+        out, err = operator.communicate(timeout=120)
+        wait_until(lambda: summaries(worker.log()), what="the summary")
+    finally:
+        gate.release()
+        operator.kill()
+        worker.stop()
+
+    expected = [
+        "Done. Embedded 58/58 skills. 0 failures.",
+        "2 skills left the catalog during the run (1 unpublished, 1 deleted).",
+    ]
+    assert operator.returncode == 0, err
+    assert out.strip().splitlines()[-2:] == expected
+    log = worker.log()
+    assert summaries(log) == [(58, 58, 0)]
+    assert expected[1] in log
+    status = status_json(env)
+    assert status["run"]["summary"] == expected[0]
+    assert status["run"]["left_catalog"] == {"unpublished": 1, "deleted": 1}
+    [tenant] = status["tenants"]
+    assert (tenant["published"], tenant["embedded"], tenant["stale"], tenant["missing"]) == (
+        58, 58, 0, 0,
+    )  # fmt: skip
