@@ -31,7 +31,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import redis
 from sqlalchemy.orm import Session
 
 from db import claims, runs
@@ -45,7 +44,7 @@ from tasks.embedding import (
     load_and_decide,
     write_vectors,
 )
-from tasks.errors import TransientError, WorkerDied, database_error
+from tasks.errors import TransientError, WorkerDied, database_error, redis_error
 from tasks.progress import ProgressLog
 from tasks.retry import describe
 from tasks.runtime import Runtime
@@ -201,9 +200,7 @@ def _outcome(result: Result) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, redis.RedisError):
-        return f"Redis did not answer ({exc})"
-    return describe(database_error(exc) or exc)
+    return describe(database_error(exc) or redis_error(exc) or exc)
 
 
 def run_batches(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import redis
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 
@@ -80,6 +81,17 @@ class WorkerDied(PermanentError):
 
     def __init__(self, deaths: int, name: str) -> None:
         super().__init__(f"the worker process died {deaths} times while embedding {name}")
+
+
+class RedisUnavailable(TransientError):
+    """Redis (crash counts, Ollama's slots) did not answer: it may be back later."""
+
+
+def redis_error(exc: BaseException) -> RedisUnavailable | None:
+    """The transient error a Redis failure stands for, or None if `exc` is not one."""
+    if isinstance(exc, redis.RedisError):
+        return RedisUnavailable(f"Redis did not answer: {_first_line(exc)}")
+    return None
 
 
 def database_error(exc: BaseException) -> DatabaseUnavailable | None:

@@ -32,6 +32,7 @@ from tasks.errors import (
     PermanentError,
     WorkerDied,
     database_error,
+    redis_error,
 )
 from tasks.progress import ProgressLog
 from tasks.queues import BULK, EMBED_SKILL
@@ -99,8 +100,8 @@ def embed_skill(
             return settle(self, outcome, skill_id, run_id)
         result = embed_app_job(rt, request)
     except Exception as exc:
-        # A cut connection, a deadlock, a timeout: retried like Ollama being down.
-        error = database_error(exc)
+        # A cut connection, a deadlock, a timeout, Redis away: retried like Ollama being down.
+        error = database_error(exc) or redis_error(exc)
         if error is None:
             raise
         result = error

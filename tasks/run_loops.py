@@ -9,12 +9,10 @@ from __future__ import annotations
 import logging
 import threading
 
-import redis
-
 from db import claims
 from db.session import unscoped
 from tasks.batching import recorded_here, run_batches
-from tasks.errors import database_error
+from tasks.errors import database_error, redis_error
 from tasks.retry import describe
 from tasks.runtime import Runtime
 
@@ -46,7 +44,7 @@ class RunLoops:
             run_batches(self._rt, run_id, force=force, keep_going=self.running)
         except Exception as exc:
             # Each stage logged its own failure in one line; the rest is a bug worth a traceback.
-            if database_error(exc) is None and not isinstance(exc, redis.RedisError):
+            if database_error(exc) is None and redis_error(exc) is None:
                 logger.exception("The batch loop of run %s stopped", run_id)
 
     def running(self) -> bool:
