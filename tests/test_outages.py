@@ -87,6 +87,9 @@ def test_redis_stopped_mid_batch_writes_its_vectors_and_logs_no_traceback(
     assert ollama.inputs == 200  # no input sent twice
     assert "Traceback" not in log
     assert "CPendingDeprecationWarning" not in log
+    # One line a problem: every record since the worker was ready fits on its line.
+    running = log.split(" ready.", 1)[1].splitlines()[1:]
+    assert [line for line in running if not line.startswith("[")] == []
 
 
 def test_one_worker_of_the_deployment_catches_up_at_a_time(redis_url: str) -> None:

@@ -92,6 +92,9 @@ class _OneLineForBrokerOutages(logging.Filter):
             record.msg, record.args = "%s (Redis did not answer)", (record.getMessage(),)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
+        elif error is None and "\n" in (message := record.getMessage()):
+            # "Cannot connect to ...\nTrying again in 2.00 seconds... (1/100)\n": one line.
+            record.msg, record.args = " ".join(message.split()), None
         return True
 
 
@@ -112,6 +115,8 @@ def quiet_libraries() -> None:
     pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
     if not any(isinstance(f, _OneLineForLostConnections) for f in pool.filters):
         pool.addFilter(_OneLineForLostConnections())
-    acks = logging.getLogger("celery.worker.request")  # "Couldn't ack ..."
-    if not any(isinstance(f, _OneLineForBrokerOutages) for f in acks.filters):
-        acks.addFilter(_OneLineForBrokerOutages())
+    # "Couldn't ack ...", and the consumer's "Cannot connect to ...".
+    for name in ("celery.worker.request", "celery.worker.consumer.consumer"):
+        celery_logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineForBrokerOutages) for f in celery_logger.filters):
+            celery_logger.addFilter(_OneLineForBrokerOutages())
