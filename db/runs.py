@@ -20,6 +20,7 @@ COUNTER = {
 }
 FAILED = "failed"
 SKIPPED = "skipped"  # removed, disabled, superseded, vanished: neither embedded nor a failure
+SWITCH = "switch"  # a run's kind: staging a model switch (db.staging)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class RunState:
     fanned_out: bool
     started_at: datetime
     finished_at: datetime | None
+    kind: str = "backfill"  # or SWITCH: a model switch's staging run
+    model: str | None = None  # a switch's new model
 
     @property
     def done(self) -> int:
@@ -47,12 +50,17 @@ class RunState:
 
     @property
     def summary(self) -> str:
+        if self.kind == SWITCH:
+            return (
+                f"Done. Staged {self.current}/{self.total} skills for {self.model}."
+                f" {self.failed} failures."
+            )
         return f"Done. Embedded {self.current}/{self.total} skills. {self.failed} failures."
 
 
 RUN_COLUMNS = (
     "id, tenant_id, force, total, embedded, unchanged, failed, skipped, fanned_out, started_at,"
-    " finished_at"
+    " finished_at, kind, model"
 )
 
 

@@ -32,19 +32,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from sqlalchemy.orm import Session
 
 from db import runs
-from tasks.embedding import (
-    Batch,
-    Embedded,
-    EmbedRequest,
-    Result,
-    fetch_vectors,
-    load_and_decide,
-    write_vectors,
-)
+from tasks.embedding import Batch, Embedded, EmbedRequest, Result, fetch_vectors
 from tasks.errors import TransientError, WorkerDied, database_error
 from tasks.progress import ProgressLog
 from tasks.retry import describe
 from tasks.runtime import Runtime
+from tasks.staging import decide_for_run, write_for_run
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +77,7 @@ def claim(
             session.close()
             return None
         requests = [EmbedRequest(skill_id, tenant, force) for skill_id, tenant in claimed]
-        work = load_and_decide(rt, session, requests)
+        work = decide_for_run(rt, session, run_id, requests)  # a backfill's, or a switch's
         for skill_id, count in deaths.items():
             if count >= most:
                 work.fail(skill_id, WorkerDied(count, work.name_of(skill_id)))
@@ -117,7 +110,7 @@ def write(batch: RunBatch) -> list[Result]:
     Items that met a transient error get no outcome: the commit frees them for a later claim.
     """
     try:
-        results = write_vectors(batch.rt, batch.session, batch.work)
+        results = write_for_run(batch.rt, batch.session, batch.work)
         outcomes = [
             (skill_id, _outcome(result), None if isinstance(result, Embedded) else describe(result))
             for skill_id, result in zip(batch.skill_ids, results, strict=True)

@@ -33,6 +33,7 @@ from tasks.errors import (
 from tasks.progress import ProgressLog
 from tasks.queues import BULK, EMBED_SKILL
 from tasks.retry import backoff_seconds, describe, should_retry
+from tasks.switch import STAGE_SWITCH, Stager, begin_staging, stage_edits, start_switch
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,9 @@ def _embed_alone(rt: runtime.Runtime, request: EmbedRequest) -> list[Result]:
     if deaths >= rt.settings.embed_max_deliveries:
         return [WorkerDied(deaths, skill_name(rt, request.skill_id, request.tenant_id))]
     with rt.crashes.embedding(APP_JOBS, [request.skill_id], clear_on_success=True):
-        return embed_skills(rt, [request])
+        results = embed_skills(rt, [request])
+    stage_edits(rt, [request], results)  # while its tenant switches models: the new one too
+    return results
 
 
 def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | None) -> str:
@@ -215,3 +218,25 @@ def _waiting(queue: str) -> int:
             return int(channel.queue_declare(queue, passive=True).message_count)
         except connection.channel_errors:
             return 0
+
+
+def _stager(rt: runtime.Runtime) -> Stager:
+    return Stager(
+        embed_skill,
+        before_fanout=lambda run_id: run_loops.loops(rt).ensure(run_id, force=False),
+        continue_later=_continue_fan_out,
+    )
+
+
+@shared_task(name="tasks.switch_model", throws=(PermanentError,))
+def switch_model(model: str, tenant_id: str | None = None) -> dict[str, Any]:
+    """Stage `model`'s vectors for a tenant (or every active one, in turn), then swap them in."""
+    rt = runtime.current()
+    return start_switch(rt, model, tenant_id, _stager(rt))
+
+
+@shared_task(name=STAGE_SWITCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def stage_switch(tenant_id: str) -> str | None:
+    """Start (or top up) the staging run of the tenant's switch; nothing if one is running."""
+    rt = runtime.current()
+    return begin_staging(rt, tenant_id, _stager(rt))

@@ -17,6 +17,7 @@ from tasks.failures import record_failure
 from tasks.metrics import count_job_outcome, count_outcomes
 from tasks.retry import describe
 from tasks.runtime import Runtime
+from tasks.switch import run_closed
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ProgressLog:
                 )  # fmt: skip
         if recorded.finished:
             logger.info(state.summary, extra={"run_id": state.id})
+            run_closed(self.rt, state)
 
     def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
         tries = f" after {retries + 1} attempts" if retries else ""
@@ -72,3 +74,4 @@ class ProgressLog:
             )
             if closed:
                 logger.info(state.summary)
+                run_closed(self.rt, state)

@@ -1,0 +1,302 @@
+"""Switch a tenant's embedding model with no moment where its search reads two models.
+
+1. `start_switch` refuses, before writing anything, a model that is not pulled, whose vectors
+   do not fit the app's column, or a tenant whose switch is under way; else it records the
+   switch and starts its staging run (tasks.staging: one job per skill, batched as a backfill).
+2. `settle` runs when a staging run closes, after an edit is staged, and on every recovery
+   pass: once every published skill has a staged vector of its current text, the swap
+   (db.staging.swap) writes them into `skill_embeddings` with the setting, in one transaction.
+   A run with failures stalls the switch: the operator retries (`switch-model` again) or cancels.
+Without a tenant, every active tenant switches, one after another: the next one's staging
+starts when the previous one has swapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import current_app
+
+from db import runs, services, staging
+from db.session import tenant_scope, unscoped
+from tasks.backfill import Continuation, Enqueuer, fan_out
+from tasks.embedding import (
+    Embedded,
+    EmbedRequest,
+    Outcome,
+    Result,
+    fetch_vectors,
+    find_tenant,
+    tenant_config,
+)
+from tasks.errors import (
+    DimensionMismatch,
+    EmbedderError,
+    ModelCannotEmbed,
+    PermanentError,
+    UnknownTenant,
+    database_error,
+)
+from tasks.queues import INTERACTIVE
+from tasks.retry import describe
+from tasks.runtime import Runtime
+from tasks.staging import decide_staging, write_staged
+
+logger = logging.getLogger(__name__)
+
+STAGE_SWITCH = "tasks.stage_switch"  # starts (or tops up) a tenant's staging run
+SWAP_ATTEMPTS = 3
+
+
+class SwitchRefused(PermanentError):
+    """The switch was not started; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stager:
+    """What starting a staging run needs from tasks.jobs: the job to queue per skill."""
+
+    task: Enqueuer
+    before_fanout: Callable[[str], None] | None = None
+    continue_later: Continuation | None = None
+
+
+def start_switch(rt: Runtime, model: str, tenant_id: str | None, stager: Stager) -> dict[str, Any]:
+    """Check, record and start a switch of one tenant (or every active one) to `model`."""
+    with unscoped(rt.sessions) as session:
+        active = services.list_active_tenants(session)
+        under_way = {s.tenant_id: s for s in staging.list_switches(session)}
+    if tenant_id is not None and tenant_id not in active:
+        raise UnknownTenant(f"tenant {tenant_id!r} does not exist or is not active: check the id")
+    candidates = [tenant_id] if tenant_id is not None else active
+    tenants: list[tuple[str, str, str]] = []  # (tenant, its Ollama, its model now)
+    for tenant in candidates:
+        with tenant_scope(rt.sessions, tenant) as session:
+            config = tenant_config(rt, session, tenant)
+        if not config.enabled:
+            if tenant_id is not None:
+                raise SwitchRefused(
+                    f"Switch refused: semantic search is off for tenant {tenant!r}: turn it on"
+                    " in its site settings first"
+                )
+            continue
+        if config.model == model:
+            if tenant_id is not None:
+                raise SwitchRefused(f"Switch refused: tenant {tenant!r} already uses {model}")
+            continue
+        tenants.append((tenant, config.ollama_url, config.model))
+    retry = {t for t, _, _ in tenants if _stalled_on(rt, under_way.get(t), model)}
+    for tenant, _, _ in tenants:
+        if tenant in under_way and tenant not in retry:
+            switch = under_way[tenant]
+            raise SwitchRefused(
+                f"Switch refused: tenant {tenant!r} is already switching to {switch.model}:"
+                f" wait for it, or cancel it (python -m worker switch-model --cancel"
+                f" --tenant {tenant})"
+            )
+    if not tenants:
+        raise SwitchRefused(f"Switch refused: every active tenant already uses {model}")
+    dimensions = _preflight(rt, model, {url for _, url, _ in tenants})
+    started = []
+    with unscoped(rt.sessions) as session:
+        for position, (tenant, _, current) in enumerate(tenants):
+            if tenant not in retry and not staging.add_switch(
+                session, tenant, model=model, dimensions=dimensions, from_model=current,
+                position=position,
+            ):  # fmt: skip
+                raise SwitchRefused(f"Switch refused: tenant {tenant!r} is already switching")
+    # One after another: the first stages now, the next once the previous one has swapped.
+    for tenant, _, current in tenants[:1] if tenant_id is None else tenants:
+        logger.info("Switch of tenant %s from %s to %s requested", tenant, current, model)
+        run_id = begin_staging(rt, tenant, stager)
+        started.append({"tenant_id": tenant, "run_id": run_id})
+    return {"model": model, "dimensions": dimensions, "tenants": [t for t, _, _ in tenants],
+            "started": started}  # fmt: skip
+
+
+def _stalled_on(rt: Runtime, switch: staging.Switch | None, model: str) -> bool:
+    """The tenant's switch to `model` ended its staging with failures: starting it again retries."""
+    if switch is None or switch.model != model or switch.run_id is None:
+        return False
+    with unscoped(rt.sessions) as session:
+        run = runs.get_run(session, switch.run_id)
+    return run is not None and run.finished_at is not None and run.failed > 0
+
+
+def _preflight(rt: Runtime, model: str, urls: set[str]) -> int:
+    """Each Ollama is up and has `model`, whose vectors fit the app's column; their size."""
+    column = rt.column_dimensions
+    size = column or 0
+    for url in sorted(urls):
+        client = rt.ollama.for_url(url)
+        try:
+            client.version()
+            info = client.show(model)
+            if not info.can_embed:
+                raise ModelCannotEmbed(f"model {model!r} on {url} is not an embedding model")
+            length = info.embedding_length
+            if length is None:  # an older server: one probe says the size
+                [vector] = client.embed(["size probe"], model=model, dimensions=0)
+                length = len(vector)
+        except EmbedderError as exc:
+            raise SwitchRefused(f"Switch refused: {exc}") from None
+        if column is not None and length != column:
+            raise SwitchRefused(
+                f"Switch refused: {DimensionMismatch.__name__}: model {model!r} makes"
+                f" {length}-dimension vectors but the app's skill_embeddings.embedding is"
+                f" vector({column}): the app's schema must change first"
+            )
+        size = length
+    return size
+
+
+def begin_staging(rt: Runtime, tenant: str, stager: Stager) -> str | None:
+    """Start a staging run for the tenant's switch: its published skills without a current
+    staged vector, one job each. None when its switch is gone or another process started it."""
+    with unscoped(rt.sessions) as session:
+        switch = staging.get_switch(session, tenant)
+        run = runs.get_run(session, switch.run_id) if switch and switch.run_id else None
+    if switch is None or (run is not None and run.finished_at is None):
+        return None
+    run_id = staging.new_run_id()
+    with tenant_scope(rt.sessions, tenant) as session:
+        if not staging.start_run(session, switch, run_id):
+            return None
+        published, queued = staging.add_staging_items(session, run_id, tenant, switch.model)
+    logger.info(
+        "Switch of tenant %s to %s: staging %d of its %d published skills (run %s)",
+        tenant, switch.model, queued, published, run_id,
+    )  # fmt: skip
+    if stager.before_fanout is not None and queued:
+        stager.before_fanout(run_id)
+    fan_out(rt, stager.task, run_id, force=False, continue_later=stager.continue_later)
+    settle(rt, tenant)  # a run with nothing to stage is closed already
+    return run_id
+
+
+def run_closed(rt: Runtime, state: runs.RunState) -> None:
+    """A run's summary was logged: if it staged a switch, swap now if everything is staged."""
+    if state.kind != runs.SWITCH or state.tenant_id is None:
+        return
+    try:
+        settle(rt, state.tenant_id)
+    except Exception as exc:
+        # The recovery pass settles it again in a few seconds.
+        logger.warning("Could not settle the switch of %s: %s", state.tenant_id,
+                       describe(database_error(exc) or exc))  # fmt: skip
+
+
+def settle(rt: Runtime, tenant: str) -> staging.Swapped | None:
+    """Swap the tenant's switch if its staging is complete; ask for more staging if an edit
+    left a skill without a staged vector; nothing while staging runs or after failures."""
+    with unscoped(rt.sessions) as session:
+        switch = staging.get_switch(session, tenant)
+        run = runs.get_run(session, switch.run_id) if switch and switch.run_id else None
+    if switch is None or run is None or run.finished_at is None or run.failed:
+        return None
+    for attempt in range(1, SWAP_ATTEMPTS + 1):
+        started = time.monotonic()
+        try:
+            with tenant_scope(rt.sessions, tenant) as session:
+                outcome = staging.swap(session, tenant)
+            break
+        except Exception as exc:
+            error = database_error(exc)
+            if error is None or attempt == SWAP_ATTEMPTS:
+                raise
+            logger.warning("The swap of tenant %s to %s was rolled back (%s): trying again",
+                           tenant, switch.model, describe(error))  # fmt: skip
+            time.sleep(0.2 * attempt)
+    if isinstance(outcome, staging.StagedCount):
+        logger.info(
+            "Switch of tenant %s to %s: %d published skills changed during staging: staging them",
+            tenant, switch.model, outcome.missing,
+        )  # fmt: skip
+        request_staging(tenant)
+        return None
+    if outcome is None:
+        return None
+    logger.info(
+        "Swapped tenant %s from %s to %s in one transaction: %d vectors written, %d rows of"
+        " unpublished skills removed, in %.2f s",
+        tenant, switch.from_model, switch.model, outcome.vectors, outcome.removed,
+        time.monotonic() - started,
+    )  # fmt: skip
+    start_next(rt)
+    return outcome
+
+
+def request_staging(tenant: str) -> None:
+    """Queue tasks.stage_switch for the tenant (from a thread that holds no task handle)."""
+    current_app.send_task(STAGE_SWITCH, kwargs={"tenant_id": tenant}, queue=INTERACTIVE)
+
+
+def start_next(rt: Runtime) -> None:
+    """Queue the staging of the next waiting tenant once no other switch is staging."""
+    with unscoped(rt.sessions) as session:
+        switches = staging.list_switches(session)
+        staging_now = any(
+            (run := runs.get_run(session, s.run_id)) is not None and run.finished_at is None
+            for s in switches
+            if s.run_id
+        )
+    waiting = [s for s in switches if s.run_id is None]
+    if waiting and not staging_now:
+        request_staging(waiting[0].tenant_id)
+
+
+def settle_all(rt: Runtime) -> None:
+    """The recovery pass: settle every switch (a swap missed by a worker that died), and move
+    the queue of tenants on."""
+    with unscoped(rt.sessions) as session:
+        switches = staging.list_switches(session)
+    if not switches:
+        return
+    for switch in switches:
+        settle(rt, switch.tenant_id)
+    start_next(rt)
+
+
+def cancel_switch(rt: Runtime, tenant: str) -> staging.Switch | None:
+    """Drop the tenant's staged vectors and its switch; nothing live changes."""
+    with unscoped(rt.sessions) as session:
+        switch = staging.drop_switch(session, tenant)
+    if switch is not None:
+        logger.info("Switch of tenant %s to %s cancelled: staged vectors dropped", tenant,
+                    switch.model)  # fmt: skip
+    return switch
+
+
+def stage_edits(rt: Runtime, requests: Sequence[EmbedRequest], results: Sequence[Result]) -> None:
+    """After an app job wrote a skill's live vector: while its tenant switches, stage the new
+    model's vector of the same text too (an unpublished skill loses its staged row), so that
+    nothing is stale at the swap. What fails here is staged by the switch's next pass."""
+    with unscoped(rt.sessions) as session:
+        switches = {s.tenant_id: s for s in staging.list_switches(session) if s.run_id}
+    if not switches:
+        return
+    done = (Outcome.EMBEDDED, Outcome.UNCHANGED, Outcome.REMOVED, Outcome.SUPERSEDED)
+    for request, result in zip(requests, results, strict=True):
+        if not isinstance(result, Embedded) or result.outcome not in done:
+            continue
+        try:
+            tenant = request.tenant_id or find_tenant(rt, request.skill_id)
+            switch = switches.get(tenant)
+            if switch is None:
+                continue
+            with unscoped(rt.sessions) as session:
+                batch = decide_staging(rt, session, switch, [request])
+            fetch_vectors(rt, batch, urgent=True)
+            with unscoped(rt.sessions) as session:
+                write_staged(session, batch)
+            settle(rt, tenant)
+        except Exception as exc:
+            error = exc if isinstance(exc, EmbedderError) else database_error(exc)
+            if error is None:
+                raise
+            logger.warning("Could not stage %s for the switch: %s", request.skill_id,
+                           describe(error))  # fmt: skip
