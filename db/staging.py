@@ -185,27 +185,26 @@ def delete_staged(session: Session, tenant_id: str, skill_ids: Sequence[str]) ->
 
 def drop_switch(session: Session, tenant_id: str) -> Switch | None:
     """Cancel: the switch and its staged rows go, its run closes; nothing live changes."""
-    switch = get_switch(session, tenant_id)
-    if switch is None:
-        return None
-    if switch.run_id is not None:
-        # First: this waits for batches that hold items, which then take the switch FOR SHARE.
-        close_run(session, switch.run_id, "cancelled")
     switch = get_switch(session, tenant_id, lock="FOR UPDATE")
     if switch is None:
         return None
+    if switch.run_id is not None:
+        close_run(session, switch.run_id, "cancelled")
     session.execute(text("DELETE FROM staged_embeddings WHERE tenant_id = :t"), {"t": tenant_id})
     session.execute(text("DELETE FROM embedding_switches WHERE tenant_id = :t"), {"t": tenant_id})
     return switch
 
 
 def close_run(session: Session, run_id: str, detail: str) -> None:
-    """Give the run's pending items an outcome (their jobs then end at once) and finish it."""
+    """Finish the run; its free items get an outcome (their jobs then end at once). Items a batch
+    holds are left to it: it finds the switch gone and stages nothing."""
     skipped = _rowcount(
         session.execute(
             text(
                 "UPDATE embedding_run_items SET outcome = 'skipped', detail = :detail,"
-                " finished_at = now() WHERE run_id = :id AND outcome IS NULL"
+                " finished_at = now() WHERE run_id = :id AND skill_id IN ("
+                "   SELECT skill_id FROM embedding_run_items WHERE run_id = :id"
+                "   AND outcome IS NULL FOR UPDATE SKIP LOCKED)"
             ),
             {"id": run_id, "detail": detail},
         )

@@ -65,8 +65,37 @@ class Stager:
     continue_later: Continuation | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A switch that passed every check: the tenants in turn, (tenant, its model now)."""
+
+    model: str
+    dimensions: int
+    tenants: list[tuple[str, str]]
+    retry: set[str]  # tenants whose stalled switch to the same model starts again
+
+
 def start_switch(rt: Runtime, model: str, tenant_id: str | None, stager: Stager) -> dict[str, Any]:
     """Check, record and start a switch of one tenant (or every active one) to `model`."""
+    plan = plan_switch(rt, model, tenant_id)
+    with unscoped(rt.sessions) as session:
+        for position, (tenant, current) in enumerate(plan.tenants):
+            if tenant not in plan.retry and not staging.add_switch(
+                session, tenant, model=model, dimensions=plan.dimensions, from_model=current,
+                position=position,
+            ):  # fmt: skip
+                raise SwitchRefused(f"Switch refused: tenant {tenant!r} is already switching")
+    started = []
+    # One after another: the first stages now, the next once the previous one has swapped.
+    for tenant, current in plan.tenants[:1] if tenant_id is None else plan.tenants:
+        logger.info("Switch of tenant %s from %s to %s requested", tenant, current, model)
+        started.append({"tenant_id": tenant, "run_id": begin_staging(rt, tenant, stager)})
+    return {"model": model, "dimensions": plan.dimensions,
+            "tenants": [t for t, _ in plan.tenants], "started": started}  # fmt: skip
+
+
+def plan_switch(rt: Runtime, model: str, tenant_id: str | None) -> Plan:
+    """Every check of a switch, with nothing written: SwitchRefused says what to fix."""
     with unscoped(rt.sessions) as session:
         active = services.list_active_tenants(session)
         under_way = {s.tenant_id: s for s in staging.list_switches(session)}
@@ -101,21 +130,7 @@ def start_switch(rt: Runtime, model: str, tenant_id: str | None, stager: Stager)
     if not tenants:
         raise SwitchRefused(f"Switch refused: every active tenant already uses {model}")
     dimensions = _preflight(rt, model, {url for _, url, _ in tenants})
-    started = []
-    with unscoped(rt.sessions) as session:
-        for position, (tenant, _, current) in enumerate(tenants):
-            if tenant not in retry and not staging.add_switch(
-                session, tenant, model=model, dimensions=dimensions, from_model=current,
-                position=position,
-            ):  # fmt: skip
-                raise SwitchRefused(f"Switch refused: tenant {tenant!r} is already switching")
-    # One after another: the first stages now, the next once the previous one has swapped.
-    for tenant, _, current in tenants[:1] if tenant_id is None else tenants:
-        logger.info("Switch of tenant %s from %s to %s requested", tenant, current, model)
-        run_id = begin_staging(rt, tenant, stager)
-        started.append({"tenant_id": tenant, "run_id": run_id})
-    return {"model": model, "dimensions": dimensions, "tenants": [t for t, _, _ in tenants],
-            "started": started}  # fmt: skip
+    return Plan(model, dimensions, [(t, current) for t, _, current in tenants], retry)
 
 
 def _stalled_on(rt: Runtime, switch: staging.Switch | None, model: str) -> bool:

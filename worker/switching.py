@@ -12,8 +12,9 @@ from typing import Any
 from db import runs, staging
 from db.session import tenant_scope, unscoped
 from tasks import runtime
+from tasks.errors import EmbedderError
 from tasks.runtime import Runtime
-from tasks.switch import cancel_switch
+from tasks.switch import cancel_switch, plan_switch
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,18 +104,24 @@ def switch_command(settings: Any, args: argparse.Namespace) -> int:
 def _start(rt: Runtime, args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
+    try:
+        # The worker checks again when it starts the switch; this answers at once.
+        plan = plan_switch(rt, args.model, args.tenant)
+    except EmbedderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     result = app.send_task(
         "tasks.switch_model", kwargs={"model": args.model, "tenant_id": args.tenant}
     )
-    outcome = result.get(timeout=args.timeout or 120, propagate=False)
+    tenants = [tenant for tenant, _ in plan.tenants]
+    print(f"Switch of {', '.join(tenants)} to {plan.model} ({plan.dimensions} dimensions) queued")
+    if not args.wait:
+        return 0
+    outcome = result.get(timeout=args.timeout, propagate=False)
     if result.failed():
         print(f"error: {outcome}", file=sys.stderr)
         return 1
-    tenants = ", ".join(outcome["tenants"])
-    print(f"Switching {tenants} to {outcome['model']} ({outcome['dimensions']} dimensions)")
-    if not args.wait:
-        return 0
-    return _follow(rt, list(outcome["tenants"]), args.timeout)
+    return _follow(rt, tenants, args.timeout)
 
 
 def _follow(rt: Runtime, tenants: list[str], timeout: float | None) -> int:
