@@ -70,6 +70,16 @@ def get_site_settings(session: Session, tenant_id: str) -> SiteSettings | None:
     return session.scalars(select(SiteSettings).where(SiteSettings.tenant_id == tenant_id)).first()
 
 
+def lock_tenant_model(session: Session, tenant_id: str) -> str | None:
+    """The tenant's `ollama_model`, its row held FOR SHARE until the transaction ends: a model
+    switch's swap (db.staging) updates it first, so a writer waits for the swap or precedes it."""
+    value = session.execute(
+        text("SELECT ollama_model FROM site_settings WHERE tenant_id = :t FOR SHARE"),
+        {"t": tenant_id},
+    ).scalar_one_or_none()
+    return None if value is None else str(value)
+
+
 def update_site_settings(session: Session, tenant_id: str, **values: Any) -> SiteSettings:
     """Insert the tenant's settings row or update the given columns of it."""
     allowed = set(SiteSettings.__table__.columns.keys()) - {"id", "tenant_id"}
@@ -261,3 +271,28 @@ def coverage(session: Session, tenant_id: str, *, model: str, dimensions: int) -
         stale=row.with_row - row.embedded,
         missing=row.published - row.with_row,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    name: str
+    distance: float
+    model_name: str
+
+
+def nearest_skills(
+    session: Session, tenant_id: str, query: Sequence[float], *, limit: int
+) -> list[Hit]:
+    """The tenant's skills nearest to `query` by cosine distance, as the app's search ranks."""
+    rows = session.execute(
+        select(
+            Skill.name,
+            SkillEmbedding.embedding.cosine_distance(vector_literal(query)).label("distance"),
+            SkillEmbedding.model_name,
+        )
+        .join(Skill, Skill.id == SkillEmbedding.skill_id)
+        .where(SkillEmbedding.tenant_id == tenant_id)
+        .order_by("distance")
+        .limit(limit)
+    )
+    return [Hit(str(r.name), float(r.distance), str(r.model_name)) for r in rows]

@@ -27,6 +27,7 @@ from tasks.embedding import Embedded, EmbedRequest, Outcome, Result, embed_skill
 from tasks.errors import WorkerDied
 from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
 from tasks.runtime import Runtime
+from tasks.switch import stage_edits
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def embed_app_job(rt: Runtime, request: EmbedRequest) -> Result:
     requests = [request, *companions]
     with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
         results = embed_skills(rt, requests)
+    stage_edits(rt, requests, results)  # while a tenant switches models: the new one's too
     written = [
         c.skill_id
         for c, result in zip(companions, results[1:], strict=True)
