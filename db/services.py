@@ -131,27 +131,44 @@ def upsert_skill_embedding(
 
 
 def upsert_skill_embeddings(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Many rows in one statement; each needs tenant_id, skill_id, embedding, model, dims, hash."""
+    """Many rows in one statement; each needs tenant_id, skill_id, embedding, model, dims, hash.
+
+    Written as SQL over arrays (one parameter per column, whatever the row count): the ORM's
+    multi-row insert compiles anew for every size of batch and costs a lone app job more
+    than its own write.
+    """
     if not rows:
         return
-    statement = insert(SkillEmbedding).values(
-        [
-            {"id": str(uuid.uuid4()), **row, "embedding": vector_literal(row["embedding"])}
-            for row in rows
-        ]
-    )
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
-        constraint="skill_embeddings_tenant_skill_unique",
-        set_={
-            "embedding": excluded.embedding,
-            "model_name": excluded.model_name,
-            "dimensions": excluded.dimensions,
-            "input_hash": excluded.input_hash,
-            "updated_at": func.now(),
+    session.execute(
+        UPSERT_EMBEDDINGS,
+        {
+            "ids": [str(uuid.uuid4()) for _ in rows],
+            "tenants": [row["tenant_id"] for row in rows],
+            "skills": [row["skill_id"] for row in rows],
+            # pgvector's text input, `[0.1,0.2,...]`, is JSON's array syntax: orjson writes it
+            # in C, where pgvector's own adapter formats each float in Python.
+            "embeddings": [orjson.dumps(row["embedding"]).decode() for row in rows],
+            "models": [row["model_name"] for row in rows],
+            "dimensions": [row["dimensions"] for row in rows],
+            "hashes": [row["input_hash"] for row in rows],
         },
     )
-    session.execute(statement)
+
+
+UPSERT_EMBEDDINGS = text(
+    """
+    INSERT INTO skill_embeddings
+        (id, tenant_id, skill_id, embedding, model_name, dimensions, input_hash)
+    SELECT id, tenant_id, skill_id, CAST(embedding AS vector), model_name, dimensions, input_hash
+    FROM unnest(CAST(:ids AS text[]), CAST(:tenants AS text[]), CAST(:skills AS text[]),
+                CAST(:embeddings AS text[]), CAST(:models AS text[]), CAST(:dimensions AS int[]),
+                CAST(:hashes AS text[]))
+         AS v(id, tenant_id, skill_id, embedding, model_name, dimensions, input_hash)
+    ON CONFLICT ON CONSTRAINT skill_embeddings_tenant_skill_unique DO UPDATE SET
+        embedding = EXCLUDED.embedding, model_name = EXCLUDED.model_name,
+        dimensions = EXCLUDED.dimensions, input_hash = EXCLUDED.input_hash, updated_at = now()
+    """
+)
 
 
 def vector_literal(vector: Sequence[float]) -> ColumnElement[Any]:
