@@ -242,14 +242,19 @@ def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
                 batch.vectors[position] = answer
 
 
-def write_vectors(runtime: Runtime, session: Session, batch: Batch) -> list[Result]:
-    """Upsert the fetched vectors in `session`, one statement per tenant; every result."""
-    results = list(batch.results)
+def vectors_by_tenant(batch: Batch) -> dict[str, list[tuple[_Pending, list[float]]]]:
+    """The batch's fetched vectors with their items, per tenant (each tenant's write is scoped)."""
     by_tenant: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
     for item, vector in zip(batch.pending, batch.vectors, strict=True):
         if vector is not None:
             by_tenant[item.tenant_id].append((item, vector))
-    for tenant, vectors in by_tenant.items():
+    return by_tenant
+
+
+def write_vectors(runtime: Runtime, session: Session, batch: Batch) -> list[Result]:
+    """Upsert the fetched vectors in `session`, one statement per tenant; every result."""
+    results = list(batch.results)
+    for tenant, vectors in vectors_by_tenant(batch).items():
         scope_to_tenant(session, tenant)
         vectors = _same_model(runtime, session, tenant, vectors, results)
         for item, outcome in _write(session, tenant, vectors):

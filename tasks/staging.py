@@ -9,7 +9,6 @@ only for a skill whose text is still the one embedded and whose switch is still 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from tasks.embedding import (
     _Pending,
     load_and_decide,
     tenant_config,
+    vectors_by_tenant,
     write_vectors,
 )
 from tasks.runtime import Runtime
@@ -102,11 +102,7 @@ def write_for_run(rt: Runtime, session: Session, batch: Batch) -> list[Result]:
 def write_staged(session: Session, batch: StagedBatch) -> list[Result]:
     """Stage the vectors whose skill still has the text embedded, while its switch is under way."""
     results = list(batch.results)
-    by_tenant: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
-    for item, vector in zip(batch.pending, batch.vectors, strict=True):
-        if vector is not None:
-            by_tenant[item.tenant_id].append((item, vector))
-    for tenant, items in by_tenant.items():
+    for tenant, items in vectors_by_tenant(batch).items():
         scope_to_tenant(session, tenant)
         ids = [item.request.skill_id for item, _ in items]
         # The same locks as a live write: an edit's job and this batch never cross.
