@@ -180,9 +180,11 @@ def run_child(out: Path) -> None:
 
     from tasks import runtime
     from worker.celery_app import app
-    from worker.serve import configure_worker, load_settings
+    from worker.environment import load_or_exit
+    from worker.serve import configure_worker
+    from worker.settings import Settings
 
-    configure_worker(app, load_settings())  # as a worker process does when it starts
+    configure_worker(app, load_or_exit(Settings.load))  # as a worker process does when it starts
     from tasks.backfill import start_backfill
     from tasks.jobs import embed_skill
 

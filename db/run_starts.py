@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.runs import RUN_COLUMNS, RunState, _state
+from db.runs import BACKFILL, RUN_COLUMNS, RunState, _state
 
 # Any constant will do: only the worker's own starts take this transaction-level lock.
 _STARTS_LOCK = 0x656D626564  # "embed"
@@ -22,6 +22,8 @@ def open_run_overlapping(session: Session, run_id: str, tenant_id: str | None) -
     row = session.execute(
         text(
             f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE finished_at IS NULL AND id <> :id"
+            # A model switch's staging run embeds another model: a backfill never joins it.
+            f" AND kind = '{BACKFILL}'"
             " AND (CAST(:tenant AS text) IS NULL OR tenant_id IS NULL OR tenant_id = :tenant)"
             " ORDER BY started_at LIMIT 1"
         ),

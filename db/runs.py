@@ -21,6 +21,8 @@ COUNTER = {
 }
 FAILED = "failed"
 SKIPPED = "skipped"  # removed, disabled, superseded, vanished: neither embedded nor a failure
+BACKFILL = "backfill"  # a run's kind: live vectors of the tenants' own models
+SWITCH = "switch"  # a run's kind: staging a model switch (db.staging)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,8 @@ class RunState:
     finished_at: datetime | None
     unpublished: int = 0  # skills of the run unpublished before it ended (set when it ends)
     deleted: int = 0  # and deleted
+    kind: str = BACKFILL  # or SWITCH: a model switch's staging run
+    model: str | None = None  # a switch's new model
 
     @property
     def done(self) -> int:
@@ -50,6 +54,11 @@ class RunState:
 
     @property
     def summary(self) -> str:
+        if self.kind == SWITCH:
+            return (
+                f"Done. Staged {self.current}/{self.total} skills for {self.model}."
+                f" {self.failed} failures."
+            )
         return f"Done. Embedded {self.current}/{self.total} skills. {self.failed} failures."
 
     @property
@@ -83,7 +92,7 @@ Closer = Callable[[Session, str], Final | None]
 
 RUN_COLUMNS = (
     "id, tenant_id, force, total, embedded, unchanged, failed, skipped, fanned_out, started_at,"
-    " finished_at, unpublished, deleted"
+    " finished_at, unpublished, deleted, kind, model"
 )
 
 
@@ -288,13 +297,15 @@ def _finish_if_complete(
 ) -> RunState | None:
     row = session.execute(
         text(
-            "SELECT total, embedded + unchanged + failed + skipped AS done FROM embedding_runs"
-            " WHERE id = :id AND finished_at IS NULL FOR UPDATE"
+            "SELECT total, embedded + unchanged + failed + skipped AS done, kind"
+            " FROM embedding_runs WHERE id = :id AND finished_at IS NULL FOR UPDATE"
         ),
         {"id": run_id},
     ).one_or_none()
     if row is None or row.done < row.total:
         return None
+    if row.kind != BACKFILL:
+        close = None  # a switch's staging counts what it staged, not the live catalog
     final = close(session, run_id) if close is not None else None
     if close is not None and final is None:
         return None  # items went back to be embedded again

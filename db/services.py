@@ -70,6 +70,16 @@ def get_site_settings(session: Session, tenant_id: str) -> SiteSettings | None:
     return session.scalars(select(SiteSettings).where(SiteSettings.tenant_id == tenant_id)).first()
 
 
+def lock_tenant_model(session: Session, tenant_id: str) -> str | None:
+    """The tenant's `ollama_model`, its row held FOR SHARE until the transaction ends: a model
+    switch's swap (db.staging) updates it first, so a writer waits for the swap or precedes it."""
+    value = session.execute(
+        text("SELECT ollama_model FROM site_settings WHERE tenant_id = :t FOR SHARE"),
+        {"t": tenant_id},
+    ).scalar_one_or_none()
+    return None if value is None else str(value)
+
+
 def update_site_settings(session: Session, tenant_id: str, **values: Any) -> SiteSettings:
     """Insert the tenant's settings row or update the given columns of it."""
     allowed = set(SiteSettings.__table__.columns.keys()) - {"id", "tenant_id"}
@@ -121,27 +131,44 @@ def upsert_skill_embedding(
 
 
 def upsert_skill_embeddings(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Many rows in one statement; each needs tenant_id, skill_id, embedding, model, dims, hash."""
+    """Many rows in one statement; each needs tenant_id, skill_id, embedding, model, dims, hash.
+
+    Written as SQL over arrays (one parameter per column, whatever the row count): the ORM's
+    multi-row insert compiles anew for every size of batch and costs a lone app job more
+    than its own write.
+    """
     if not rows:
         return
-    statement = insert(SkillEmbedding).values(
-        [
-            {"id": str(uuid.uuid4()), **row, "embedding": vector_literal(row["embedding"])}
-            for row in rows
-        ]
-    )
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
-        constraint="skill_embeddings_tenant_skill_unique",
-        set_={
-            "embedding": excluded.embedding,
-            "model_name": excluded.model_name,
-            "dimensions": excluded.dimensions,
-            "input_hash": excluded.input_hash,
-            "updated_at": func.now(),
+    session.execute(
+        UPSERT_EMBEDDINGS,
+        {
+            "ids": [str(uuid.uuid4()) for _ in rows],
+            "tenants": [row["tenant_id"] for row in rows],
+            "skills": [row["skill_id"] for row in rows],
+            # pgvector's text input, `[0.1,0.2,...]`, is JSON's array syntax: orjson writes it
+            # in C, where pgvector's own adapter formats each float in Python.
+            "embeddings": [orjson.dumps(row["embedding"]).decode() for row in rows],
+            "models": [row["model_name"] for row in rows],
+            "dimensions": [row["dimensions"] for row in rows],
+            "hashes": [row["input_hash"] for row in rows],
         },
     )
-    session.execute(statement)
+
+
+UPSERT_EMBEDDINGS = text(
+    """
+    INSERT INTO skill_embeddings
+        (id, tenant_id, skill_id, embedding, model_name, dimensions, input_hash)
+    SELECT id, tenant_id, skill_id, CAST(embedding AS vector), model_name, dimensions, input_hash
+    FROM unnest(CAST(:ids AS text[]), CAST(:tenants AS text[]), CAST(:skills AS text[]),
+                CAST(:embeddings AS text[]), CAST(:models AS text[]), CAST(:dimensions AS int[]),
+                CAST(:hashes AS text[]))
+         AS v(id, tenant_id, skill_id, embedding, model_name, dimensions, input_hash)
+    ON CONFLICT ON CONSTRAINT skill_embeddings_tenant_skill_unique DO UPDATE SET
+        embedding = EXCLUDED.embedding, model_name = EXCLUDED.model_name,
+        dimensions = EXCLUDED.dimensions, input_hash = EXCLUDED.input_hash, updated_at = now()
+    """
+)
 
 
 def vector_literal(vector: Sequence[float]) -> ColumnElement[Any]:
@@ -261,3 +288,28 @@ def coverage(session: Session, tenant_id: str, *, model: str, dimensions: int) -
         stale=row.with_row - row.embedded,
         missing=row.published - row.with_row,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    name: str
+    distance: float
+    model_name: str
+
+
+def nearest_skills(
+    session: Session, tenant_id: str, query: Sequence[float], *, limit: int
+) -> list[Hit]:
+    """The tenant's skills nearest to `query` by cosine distance, as the app's search ranks."""
+    rows = session.execute(
+        select(
+            Skill.name,
+            SkillEmbedding.embedding.cosine_distance(vector_literal(query)).label("distance"),
+            SkillEmbedding.model_name,
+        )
+        .join(Skill, Skill.id == SkillEmbedding.skill_id)
+        .where(SkillEmbedding.tenant_id == tenant_id)
+        .order_by("distance")
+        .limit(limit)
+    )
+    return [Hit(str(r.name), float(r.distance), str(r.model_name)) for r in rows]

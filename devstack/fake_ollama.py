@@ -12,7 +12,11 @@ Control API, for a process that did not start the fake (answers are JSON):
   GET  /_fake/stats                     -> the stats, plus "pending_faults"
   POST /_fake/reset                     -> clears faults and stats, answers the stats
   GET|POST /_fake/config {knob: value}  -> request_latency, input_latency, dimensions, models,
-                                           embedding_capable, context_length, max_pending
+                                           model_dimensions, embedding_capable, context_length,
+                                           max_pending
+
+Each model has its own vectors (see ollama_protocol.vector_for) and its own size: the one in
+`model_dimensions` ({model: size}), else `dimensions`.
   POST /_fake/faults {"kind": "fail", "count": 1, "status": 500, "error": "..."}
                      {"kind": "hang", "count": 1, "seconds": 5.0}   {"kind": "drop", "count": 1}
                      {"kind": "corrupt", "count": 1, "corruption": "nan"}
@@ -72,6 +76,7 @@ _KNOBS: dict[str, tuple[type, ...]] = {
     "max_pending": (int,),
     "embedding_capable": (bool,),
     "models": (list,),
+    "model_dimensions": (dict,),
 }
 
 
@@ -132,6 +137,7 @@ class FakeOllama:
         port: int = 0,
         dimensions: int = 768,
         models: Iterable[str] = ("nomic-embed-text",),
+        model_dimensions: dict[str, int] | None = None,
         request_latency: float = 0.0,
         input_latency: float = 0.0,
         max_pending: int = 512,
@@ -141,6 +147,7 @@ class FakeOllama:
         self.host, self.port = host, port
         self.dimensions, self.context_length = dimensions, context_length
         self.models: set[str] = {wire.bare_model(model) for model in models}
+        self.model_dimensions: dict[str, int] = dict(model_dimensions or {})
         self.request_latency, self.input_latency = request_latency, input_latency
         self.max_pending, self.embedding_capable = max_pending, embedding_capable
         self._lock = threading.Lock()  # guards stats, faults, _waiting and _connections
@@ -313,6 +320,11 @@ class FakeOllama:
                 "pending_faults": len(self._faults),
             }
 
+    def size_of(self, model: str) -> int:
+        """The size of `model`'s vectors: its own in `model_dimensions`, else `dimensions`."""
+        sizes = {wire.bare_model(name): size for name, size in self.model_dimensions.items()}
+        return sizes.get(wire.bare_model(model), self.dimensions)
+
     def _has(self, model: str) -> bool:
         return wire.bare_model(model) in {wire.bare_model(pulled) for pulled in self.models}
 
@@ -367,14 +379,15 @@ class FakeOllama:
                 nan = any(m in text for m in self._nan_matches for text in texts)
             if nan:
                 raise wire.Rejected(400, NAN_OUTPUT)
-            dimensions = (
-                request.dimensions if 0 < request.dimensions < self.dimensions else self.dimensions
-            )
+            size, model = self.size_of(request.model), request.model
+            dimensions = request.dimensions if 0 < request.dimensions < size else size
             if corruption:
-                vectors = [vector_for(text, dimensions) for text in texts]
+                vectors = [vector_for(text, dimensions, model) for text in texts]
                 embeddings = json.dumps(wire.corrupt(vectors, corruption))
             else:
-                embeddings = "[" + ",".join(wire.vector_json(t, dimensions) for t in texts) + "]"
+                embeddings = (
+                    "[" + ",".join(wire.vector_json(t, dimensions, model) for t in texts) + "]"
+                )
             # The knobs are the time the slot is held, computing the vectors included.
             cost = self.request_latency + self.input_latency * len(texts)
             if halt.wait(max(0.0, cost - (time.monotonic_ns() - loaded) / 1e9)):
@@ -419,17 +432,23 @@ class FakeOllama:
             raise wire.Rejected(400, "model is required")
         if not self._has(model):
             raise wire.Rejected(404, f"model '{model}' not found")
-        return 200, wire.show_payload(self.dimensions, self.context_length, self.embedding_capable)
+        return 200, wire.show_payload(
+            self.size_of(model), self.context_length, self.embedding_capable
+        )
 
     def _configure(self, body: bytes) -> _Reply:
         changes = wire.decode_object(body, "config") if body.strip() else {}
         for key, value in changes.items():
             kinds = _KNOBS.get(key, ())
             valid = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+            if key == "model_dimensions":
+                valid = valid and all(
+                    isinstance(m, str) and isinstance(n, int) and n >= 1 for m, n in value.items()
+                )
             if not valid or (key == "models" and not all(isinstance(m, str) for m in value)):
                 raise wire.Rejected(400, f"invalid config field {key!r}: {value!r}")
             minimum = 1 if key in ("dimensions", "context_length") else 0
-            if not isinstance(value, bool | list) and value < minimum:
+            if not isinstance(value, bool | list | dict) and value < minimum:
                 raise wire.Rejected(400, f"config field {key!r} must be >= {minimum}: {value!r}")
         for key, value in changes.items():  # applied only once every field is valid
             setattr(self, key, {wire.bare_model(m) for m in value} if key == "models" else value)

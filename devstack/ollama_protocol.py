@@ -47,21 +47,27 @@ MODEL_DETAILS: dict[str, object] = {
 T = TypeVar("T")
 
 
-def vector_for(text: str, dimensions: int = 768) -> list[float]:
-    """Return the fake's embedding of `text`: a unit vector seeded from the sha256 of its UTF-8."""
-    return list(_unit_vector(text, dimensions))
+# The fake's reference model: its vectors are seeded from the text alone. Every other model
+# seeds from its name too, so two models never give one text the same vector, as in Ollama.
+REFERENCE_MODEL = "nomic-embed-text"
+
+
+def vector_for(text: str, dimensions: int = 768, model: str = REFERENCE_MODEL) -> list[float]:
+    """Return the fake's embedding of `text` by `model`: a unit vector seeded from a sha256."""
+    return list(_unit_vector(text, dimensions, bare_model(model)))
 
 
 @lru_cache(maxsize=4096)
-def vector_json(text: str, dimensions: int = 768) -> str:
+def vector_json(text: str, dimensions: int = 768, model: str = REFERENCE_MODEL) -> str:
     """`vector_for` as JSON text, cached: encoding it anew for every request would cost more
     than the fake's whole latency budget for a small input."""
-    return json.dumps(_unit_vector(text, dimensions))
+    return json.dumps(_unit_vector(text, dimensions, bare_model(model)))
 
 
 @lru_cache(maxsize=4096)
-def _unit_vector(text: str, dimensions: int) -> tuple[float, ...]:
-    rng = random.Random(int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big"))
+def _unit_vector(text: str, dimensions: int, model: str) -> tuple[float, ...]:
+    seed = text if model == REFERENCE_MODEL else f"{model}\0{text}"
+    rng = random.Random(int.from_bytes(hashlib.sha256(seed.encode("utf-8")).digest(), "big"))
     raw = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
     norm = math.sqrt(math.fsum(x * x for x in raw))
     return tuple(x / norm for x in raw)

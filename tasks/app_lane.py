@@ -27,6 +27,7 @@ from tasks.embedding import Embedded, EmbedRequest, Outcome, Result, embed_skill
 from tasks.errors import WorkerDied
 from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
 from tasks.runtime import Runtime
+from tasks.switch import stage_edits
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +54,33 @@ def embed_app_job(rt: Runtime, request: EmbedRequest) -> Result:
     requests = [request, *companions]
     with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
         results = embed_skills(rt, requests)
+    stage_edits(rt, requests, results)  # while a tenant switches models: the new one's too
     written = [
         c.skill_id
         for c, result in zip(companions, results[1:], strict=True)
         if isinstance(result, Embedded) and result.outcome is Outcome.EMBEDDED
     ]
     own = results[0]
-    pipe = rt.redis.pipeline(transaction=False)
-    for companion in written:
-        pipe.set(EMBEDDED + companion, 1, ex=MARK_SECONDS)
-    pipe.getdel(EMBEDDED + skill_id)
-    marked = pipe.execute()[-1] is not None
+    marked = _mark(rt.redis, written, skill_id)
     if companions:
         logger.info("Embedded %d waiting app jobs' skills with %s's", len(written), skill_id)
     if marked and isinstance(own, Embedded) and own.outcome is Outcome.UNCHANGED:
         return Embedded(Outcome.EMBEDDED, own.name)  # written for this job by one ahead of it
     return own
+
+
+def _mark(client: redis.Redis, written: Sequence[str], own: str) -> bool:
+    """Mark the companions written; whether a job ahead of this one marked `own` (taken)."""
+    try:
+        pipe = client.pipeline(transaction=False)
+        for companion in written:
+            pipe.set(EMBEDDED + companion, 1, ex=MARK_SECONDS)
+        pipe.getdel(EMBEDDED + own)
+        return pipe.execute()[-1] is not None
+    except redis.RedisError as exc:
+        # The vectors are written: without the marks their jobs report `unchanged`, no more.
+        logger.warning("Could not mark the app jobs embedded together: %s", exc)
+        return False
 
 
 def waiting_companions(rt: Runtime, request: EmbedRequest) -> list[EmbedRequest]:

@@ -35,19 +35,12 @@ from sqlalchemy.orm import Session
 
 from db import claims, runs
 from tasks.closing import RunCloser
-from tasks.embedding import (
-    Batch,
-    Embedded,
-    EmbedRequest,
-    Result,
-    fetch_vectors,
-    load_and_decide,
-    write_vectors,
-)
+from tasks.embedding import Batch, Embedded, EmbedRequest, Result, fetch_vectors
 from tasks.errors import TransientError, WorkerDied, database_error, redis_error
 from tasks.progress import ProgressLog
 from tasks.retry import describe
 from tasks.runtime import Runtime
+from tasks.staging import decide_for_run, write_for_run
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +118,7 @@ def claim(
         requests = [
             EmbedRequest(skill_id, tenant, force, listed=True) for skill_id, tenant in claimed
         ]
-        work = load_and_decide(rt, session, requests)
+        work = decide_for_run(rt, session, run_id, requests)  # a backfill's, or a switch's
         for skill_id, count in deaths.items():
             if count >= most:
                 work.fail(skill_id, WorkerDied(count, work.name_of(skill_id)))
@@ -158,7 +151,7 @@ def write(batch: RunBatch) -> list[Result]:
     Items that met a transient error get no outcome: the commit frees them for a later claim.
     """
     try:
-        results = write_vectors(batch.rt, batch.session, batch.work)
+        results = write_for_run(batch.rt, batch.session, batch.work)
         outcomes = [
             (skill_id, _outcome(result), None if isinstance(result, Embedded) else describe(result))
             for skill_id, result in zip(batch.skill_ids, results, strict=True)

@@ -17,6 +17,7 @@ from db.session import scope_to_tenant, tenant_scope, unscoped
 from tasks.errors import (
     DimensionMismatch,
     EmbedderError,
+    ModelSwitched,
     OllamaRejected,
     PermanentError,
     SkillNotFound,
@@ -241,19 +242,53 @@ def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
                 batch.vectors[position] = answer
 
 
-def write_vectors(runtime: Runtime, session: Session, batch: Batch) -> list[Result]:
-    """Upsert the fetched vectors in `session`, one statement per tenant; every result."""
-    results = list(batch.results)
+def vectors_by_tenant(batch: Batch) -> dict[str, list[tuple[_Pending, list[float]]]]:
+    """The batch's fetched vectors with their items, per tenant (each tenant's write is scoped)."""
     by_tenant: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
     for item, vector in zip(batch.pending, batch.vectors, strict=True):
         if vector is not None:
             by_tenant[item.tenant_id].append((item, vector))
-    for tenant, vectors in by_tenant.items():
+    return by_tenant
+
+
+def write_vectors(runtime: Runtime, session: Session, batch: Batch) -> list[Result]:
+    """Upsert the fetched vectors in `session`, one statement per tenant; every result."""
+    results = list(batch.results)
+    for tenant, vectors in vectors_by_tenant(batch).items():
         scope_to_tenant(session, tenant)
+        vectors = _same_model(runtime, session, tenant, vectors, results)
         for item, outcome in _write(session, tenant, vectors):
             results[item.index] = Embedded(outcome, item.name)
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
+
+
+def _same_model(
+    runtime: Runtime,
+    session: Session,
+    tenant: str,
+    vectors: list[tuple[_Pending, list[float]]],
+    results: list[Result | None],
+) -> list[tuple[_Pending, list[float]]]:
+    """The vectors of the tenant's current model; the others are embedded again.
+
+    A model switch may have swapped the tenant's rows since these were asked for: a vector of
+    the old model must never land among the new ones.
+    """
+    live = services.lock_tenant_model(session, tenant)
+    if live is None:
+        return vectors
+    model = live or runtime.settings.ollama_model
+    kept = []
+    for item, vector in vectors:
+        if item.config.model == model:
+            kept.append((item, vector))
+        else:
+            results[item.index] = ModelSwitched(
+                f"tenant {tenant!r} switched from {item.config.model} to {model} while"
+                f" {item.name} was embedded: it is embedded again with {model}"
+            )
+    return kept
 
 
 def _decide_tenant(

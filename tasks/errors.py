@@ -72,6 +72,10 @@ class FailedInBatch(PermanentError):
     """A batch met this skill's permanent failure before its own job came; the message says why."""
 
 
+class ModelSwitched(TransientError):
+    """The tenant's model was swapped while this skill was embedded with the old one."""
+
+
 class DatabaseUnavailable(TransientError):
     """PostgreSQL cut the connection, timed out or broke a deadlock: it may pass later."""
 

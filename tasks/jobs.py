@@ -37,6 +37,8 @@ from tasks.errors import (
 from tasks.progress import ProgressLog
 from tasks.queues import BULK, EMBED_SKILL
 from tasks.retry import backoff_seconds, describe, should_retry
+from tasks.swap import STAGE_SWITCH
+from tasks.switch import Stager, begin_staging, start_switch
 
 logger = logging.getLogger(__name__)
 
@@ -281,3 +283,25 @@ def _bulk_jobs() -> int:
                 if json.loads(held)[2] == BULK:
                     return 1
     return 0
+
+
+def _stager(rt: runtime.Runtime) -> Stager:
+    return Stager(
+        embed_skill,
+        before_fanout=lambda run_id: run_loops.loops(rt).ensure(run_id, force=False),
+        continue_later=_continue_fan_out,
+    )
+
+
+@shared_task(name="tasks.switch_model", throws=(PermanentError,))
+def switch_model(model: str, tenant_id: str | None = None) -> dict[str, Any]:
+    """Stage `model`'s vectors for a tenant (or every active one, in turn), then swap them in."""
+    rt = runtime.current()
+    return start_switch(rt, model, tenant_id, _stager(rt))
+
+
+@shared_task(name=STAGE_SWITCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def stage_switch(tenant_id: str) -> str | None:
+    """Start (or top up) the staging run of the tenant's switch; nothing if one is running."""
+    rt = runtime.current()
+    return begin_staging(rt, tenant_id, _stager(rt))

@@ -18,6 +18,7 @@ from tasks.failures import record_failure
 from tasks.metrics import count_job_outcome, count_outcomes
 from tasks.retry import describe
 from tasks.runtime import Runtime
+from tasks.swap import run_closed
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,12 @@ class ProgressLog:
             self.closed(state)
 
     def closed(self, state: runs.RunState) -> None:
-        """The run's one summary line, and the skills that left the catalog on one of their own."""
+        """The run's one summary line, the skills that left the catalog on one of their own,
+        then what follows a run's end (a switch's swap)."""
         logger.info(state.summary, extra={"run_id": state.id})
         if state.left_catalog is not None:
             logger.info(state.left_catalog, extra={"run_id": state.id})
+        run_closed(self.rt, state)
 
     def failed(self, run_id: str | None, skill_id: str, reason: str, retries: int) -> None:
         tries = f" after {retries + 1} attempts" if retries else ""

@@ -15,6 +15,7 @@ from tasks.batching import recorded_here, run_batches
 from tasks.errors import database_error, redis_error
 from tasks.retry import describe
 from tasks.runtime import Runtime
+from tasks.swap import settle_all
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class RunLoops:
             open_runs = claims.runs_with_free_items(session)
         for run_id, force in open_runs:
             self.ensure(run_id, force=force)
+        settle_all(self._rt)  # a swap whose worker died before it, and tenants waiting their turn
 
     def recover_every(self, seconds: float) -> None:
         """The recovery pass, now and every `seconds`, until `stop`; for a daemon thread."""

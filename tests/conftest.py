@@ -125,6 +125,7 @@ def ollama(ollama_server: FakeOllama) -> Iterator[FakeOllama]:
     ollama_server.request_latency = ollama_server.input_latency = 0.0
     ollama_server.dimensions = 768
     ollama_server.models = {"nomic-embed-text"}
+    ollama_server.model_dimensions = {}
     ollama_server.embedding_capable = True
     if ollama_server.port and not _listening(ollama_server.port):
         ollama_server.up()

@@ -58,6 +58,21 @@ def test_vector_for_is_deterministic_unit_length_and_differs_by_text() -> None:
     assert norm(vector_for("x")) == pytest.approx(1.0)
 
 
+def test_each_model_has_its_own_vectors_and_size(fake: FakeOllama, client: httpx.Client) -> None:
+    fake.models = {MODEL, "mxbai-embed-large", "embeddinggemma"}
+    fake.model_dimensions = {"mxbai-embed-large:latest": 1024}
+    answers = {
+        model: embed(client, model=model, input="x").json()["embeddings"][0]
+        for model in fake.models
+    }
+    assert answers[MODEL] == vector_for("x")
+    assert answers["embeddinggemma"] == vector_for("x", 768, "embeddinggemma") != answers[MODEL]
+    assert len(answers["mxbai-embed-large"]) == 1024
+    show = client.post("/api/show", json={"model": "mxbai-embed-large"}).json()
+    assert show["model_info"]["nomic-bert.embedding_length"] == 1024
+    assert client.post("/_fake/config", json={"model_dimensions": {"x": 0}}).status_code == 400
+
+
 def test_string_input_is_embedded_as_one_vector_of_that_text(client: httpx.Client) -> None:
     response = embed(client, input="Review pull requests")
     assert response.status_code == 200
@@ -434,7 +449,7 @@ def test_control_config_changes_knobs(fake: FakeOllama, client: httpx.Client) ->
     assert client.post("/_fake/config", json=config).json()["models"] == ["all-minilm"]
     assert (fake.dimensions, fake.input_latency) == (16, 0.001)
     assert embed(client, model="all-minilm", input="x").json()["embeddings"] == [
-        vector_for("x", 16)
+        vector_for("x", 16, "all-minilm")
     ]
     assert embed(client, input="x").status_code == 404
 

@@ -9,14 +9,13 @@ A worker or beat process configures the rest when it starts: Celery calls the lo
 from __future__ import annotations
 
 import os
-import sys
 
 from celery import Celery
 from celery.loaders.app import AppLoader
 from kombu import Exchange, Queue
 
 from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
-from worker.environment import Messaging
+from worker.environment import Messaging, load_or_exit
 from worker.flower_guard import guard_flower
 
 
@@ -24,9 +23,10 @@ class EmbedderLoader(AppLoader):
     """Celery's loader, plus the worker's own start: settings, runtime, observability."""
 
     def on_worker_init(self) -> None:
-        from worker.serve import configure_worker, load_settings
+        from worker.serve import configure_worker
+        from worker.settings import Settings
 
-        configure_worker(self.app, load_settings())
+        configure_worker(self.app, load_or_exit(Settings.load))
 
 
 def create_app(messaging: Messaging) -> Celery:
@@ -69,15 +69,6 @@ def create_app(messaging: Messaging) -> Celery:
     return app
 
 
-def _messaging() -> Messaging:
-    try:
-        return Messaging.load()
-    except ValueError as exc:
-        # Celery would print a traceback for an import error; an operator needs one line.
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-_settings = _messaging()
-app = create_app(_settings)
-guard_flower(_settings.flower_basic_auth)
+_messaging = load_or_exit(Messaging.load)
+app = create_app(_messaging)
+guard_flower(_messaging.flower_basic_auth)

@@ -1,4 +1,4 @@
-"""`python -m worker ...`: migrate, status, backfill, health."""
+"""`python -m worker ...`: migrate, status, backfill, health, switch-model, search."""
 
 from __future__ import annotations
 
@@ -123,10 +123,43 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--force", action="store_true", help="re-embed even current skills")
     backfill.add_argument("--wait", action="store_true", help="show progress until the summary")
     backfill.add_argument("--timeout", type=float, default=None, help="give up waiting after N s")
+    switch = commands.add_parser(
+        "switch-model", help="re-embed tenants with another model, swapped in at once"
+    )
+    switch.add_argument("--model", help="the new model, pulled on the tenant's Ollama")
+    switch.add_argument("--tenant", help="only this tenant (default: every active one, in turn)")
+    switch.add_argument("--status", action="store_true", help="show the switches under way")
+    switch.add_argument("--cancel", action="store_true", help="drop the tenant's staged vectors")
+    switch.add_argument("--json", action="store_true", help="with --status: one JSON document")
+    switch.add_argument("--wait", action="store_true", help="follow until the swap")
+    switch.add_argument("--timeout", type=float, default=None, help="give up waiting after N s")
+    search = commands.add_parser("search", help="the nearest skills to a text (cosine distance)")
+    search.add_argument("text", help="what to search for")
+    search.add_argument("--tenant", help="the tenant (default: the default tenant)")
+    search.add_argument("--limit", type=int, default=5, help="how many skills (default 5)")
     return parser
 
 
-HANDLERS = {"migrate": _migrate, "status": _status, "backfill": _backfill, "health": _health}
+def _switch_model(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.switching import switch_command
+
+    return switch_command(settings, args)
+
+
+def _search(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.search import search_command
+
+    return search_command(settings, args)
+
+
+HANDLERS = {
+    "migrate": _migrate,
+    "status": _status,
+    "backfill": _backfill,
+    "health": _health,
+    "switch-model": _switch_model,
+    "search": _search,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,12 +8,29 @@ of their start. A worker validates everything when it starts (worker.settings, w
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 ENV_FILE = ".env"
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message is one line naming the variable."""
+
+
+def load_or_exit(load: Callable[[], T]) -> T:
+    """`load()`, or exit 2 with its one line: Celery would print a traceback instead."""
+    try:
+        return load()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None
 
 
 def check_redis_url(value: str) -> str:
@@ -37,13 +54,13 @@ class Messaging:
 
     @classmethod
     def load(cls) -> Messaging:
-        """Read them; ValueError with one line naming the variable when REDIS_URL is malformed."""
+        """Read them; ConfigError with one line naming the variable when REDIS_URL is malformed."""
         values = _variables("REDIS_URL", "FLOWER_BASIC_AUTH")
         redis_url = values.get("REDIS_URL") or DEFAULT_REDIS_URL
         try:
             check_redis_url(redis_url)
         except ValueError as exc:
-            raise ValueError(f"REDIS_URL is invalid: {exc}") from None
+            raise ConfigError(f"REDIS_URL is invalid: {exc}") from None
         return cls(redis_url, values.get("FLOWER_BASIC_AUTH") or None)
 
 

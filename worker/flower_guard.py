@@ -43,7 +43,7 @@ def guard_flower(basic_auth: str | None) -> None:
 def _checked(callback: Callable[..., Any], basic_auth: str | None) -> Callable[..., Any]:
     def start_flower(*args: Any, **kwargs: Any) -> Any:
         if not basic_auth and not has_login(kwargs.get("tornado_argv", ()), os.environ):
-            print(REFUSAL, file=sys.stderr)
+            print(REFUSAL, file=sys.stderr)  # noqa: T201
             raise SystemExit(2)
         return callback(*args, **kwargs)
 

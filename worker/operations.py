@@ -91,14 +91,21 @@ def format_age(seconds: float) -> str:
 
 
 def print_status(rt: Runtime, console: Console) -> None:
+    from worker.switching import describe_switch, switch_report
+
     console.print(coverage_table(coverage_report(rt)))
     with unscoped(rt.sessions) as session:
         console.print(describe_run(runs.latest_run(session)))
         console.print(describe_oldest_pending(failures.oldest_pending_item(session)))
+    for row in switch_report(rt):
+        console.print("\n".join(describe_switch(row)), highlight=False, markup=False)
 
 
 def status_document(rt: Runtime) -> dict[str, Any]:
-    """`status --json`: coverage per tenant, the newest run, the oldest pending item."""
+    """`status --json`: coverage per tenant, the newest run, the oldest pending item, and the
+    model switches under way."""
+    from worker.switching import switches_document
+
     report = coverage_report(rt)
     with unscoped(rt.sessions) as session:
         run = runs.latest_run(session)
@@ -126,6 +133,7 @@ def status_document(rt: Runtime) -> dict[str, Any]:
             "waiting_since": oldest.waiting_since.isoformat(),
             "age_seconds": round(oldest.age_seconds, 3),
         },
+        "switches": switches_document(rt),
     }
 
 

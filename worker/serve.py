@@ -22,18 +22,9 @@ from tasks.jobs import reconcile
 from tasks.queues import INTERACTIVE
 from worker import catch_up, logs
 from worker.observability import install_observability
-from worker.settings import ConfigError, Settings, mask_url
+from worker.settings import Settings, mask_url
 
 logger = logging.getLogger(__name__)
-
-
-def load_settings() -> Settings:
-    try:
-        return Settings.load()
-    except ConfigError as exc:
-        # Celery would print a traceback; an operator needs one line.
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def configure_worker(app: Celery, settings: Settings) -> None:

@@ -12,13 +12,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.environment import DEFAULT_REDIS_URL, ENV_FILE, check_redis_url
+from worker.environment import DEFAULT_REDIS_URL, ENV_FILE, ConfigError, check_redis_url
+
+__all__ = ["ConfigError", "Settings", "mask_url"]
 
 DEFAULT_TENANT = "default-tenant-000-0000-000000000000"
-
-
-class ConfigError(Exception):
-    """A setting is missing or malformed; the message is one line naming the variable."""
 
 
 def normalise_database_url(raw: str) -> str:
