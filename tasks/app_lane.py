@@ -18,6 +18,7 @@ import base64
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -45,10 +46,18 @@ EMBEDDED = "embedder:app:embedded:"
 MARK_SECONDS = 6 * 3600
 
 
-def embed_app_job(rt: Runtime, request: EmbedRequest) -> Result:
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A skill that app jobs waiting in the queues ask for, and those jobs' ids."""
+
+    request: EmbedRequest
+    jobs: list[str]
+
+
+def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None) -> Result:
     """Embed a job's skill with the app's jobs waiting behind it; the job's own result."""
     skill_id = request.skill_id
-    written_ahead = _take_mark(rt.redis, skill_id)
+    written_ahead = _take_mark(rt.redis, job_id) if job_id else None
     if written_ahead is not None:
         # A job ahead read this skill after this job was queued, so after the edit it stands
         # for, and wrote its vector: the job is done (a newer edit has a job of its own).
@@ -59,25 +68,28 @@ def embed_app_job(rt: Runtime, request: EmbedRequest) -> Result:
         return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
     # A process died while embedding it: alone, it cannot take neighbours down again.
     companions = [] if deaths or request.force else waiting_companions(rt, request)
-    requests = [request, *companions]
+    requests = [request, *(c.request for c in companions)]
     with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
         results = embed_skills(rt, requests)
     stage_edits(rt, requests, results)  # while a tenant switches models: the new one's too
     if companions:
-        written = {
-            c.skill_id: result.name
+        written = [
+            (c, result.name)
             for c, result in zip(companions, results[1:], strict=True)
             if isinstance(result, Embedded) and result.outcome is Outcome.EMBEDDED
-        }
-        _mark(rt.redis, written)
+        ]
+        _mark(rt.redis, {job: name for c, name in written for job in c.jobs})
         logger.info("Embedded %d waiting app jobs' skills with %s's", len(written), skill_id)
     return results[0]
 
 
-def _take_mark(client: redis.Redis, skill_id: str) -> str | None:
-    """The skill's name if a job ahead embedded it for this one (the mark is used up)."""
+def _take_mark(client: redis.Redis, job_id: str) -> str | None:
+    """The skill's name if a job ahead embedded it for this job (the mark is used up).
+
+    Marks are per job, not per skill: a later job for the same skill (a later edit) never
+    takes a mark meant for an earlier one."""
     try:
-        name = client.getdel(EMBEDDED + skill_id)
+        name = client.getdel(EMBEDDED + job_id)
     except redis.RedisError:
         return None  # the job embeds its skill itself, or finds it current
     if name is None:
@@ -86,18 +98,18 @@ def _take_mark(client: redis.Redis, skill_id: str) -> str | None:
 
 
 def _mark(client: redis.Redis, written: dict[str, str]) -> None:
-    """Mark the companions written, with their names, for their own jobs to report."""
+    """Mark the jobs whose skill was written, with its name, for them to report."""
     try:
         pipe = client.pipeline(transaction=False)
-        for companion, name in written.items():
-            pipe.set(EMBEDDED + companion, name, ex=MARK_SECONDS)
+        for job, name in written.items():
+            pipe.set(EMBEDDED + job, name, ex=MARK_SECONDS)
         pipe.execute()
     except redis.RedisError as exc:
         # The vectors are written: without the marks their jobs find them current, no more.
         logger.warning("Could not mark the app jobs embedded together: %s", exc)
 
 
-def waiting_companions(rt: Runtime, request: EmbedRequest) -> list[EmbedRequest]:
+def waiting_companions(rt: Runtime, request: EmbedRequest) -> list[Waiting]:
     """App jobs waiting in the interactive lanes, oldest first, reserved for this job.
 
     The oldest waiting jobs of a burst are mostly reserved already (their skills went with a
@@ -108,14 +120,14 @@ def waiting_companions(rt: Runtime, request: EmbedRequest) -> list[EmbedRequest]
     if wanted < 1:
         return []
     page = wanted * PEEK_FACTOR
-    mine: list[EmbedRequest] = []
+    mine: list[Waiting] = []
     seen = {request.skill_id}
     try:
         for number in range(PEEK_PAGES):
             candidates = peek(rt.redis, page, start=number * page, exclude=seen)
-            seen.update(c.skill_id for c in candidates)
-            deaths = rt.crashes.deaths(APP_JOBS, [c.skill_id for c in candidates])
-            candidates = [c for c in candidates if not deaths.get(c.skill_id)]
+            seen.update(c.request.skill_id for c in candidates)
+            deaths = rt.crashes.deaths(APP_JOBS, [c.request.skill_id for c in candidates])
+            candidates = [c for c in candidates if not deaths.get(c.request.skill_id)]
             mine += reserve(rt.redis, candidates, wanted - len(mine), seconds=rt.claim_seconds)
             if len(mine) >= wanted or (not candidates and not _more(rt.redis, (number + 1) * page)):
                 break
@@ -133,31 +145,30 @@ def _more(client: redis.Redis, depth: int) -> bool:
     return any(int(length) > depth for length in pipe.execute())
 
 
-def peek(
-    client: redis.Redis, limit: int, *, start: int = 0, exclude: set[str]
-) -> list[EmbedRequest]:
+def peek(client: redis.Redis, limit: int, *, start: int = 0, exclude: set[str]) -> list[Waiting]:
     """Distinct skills of embed_skill messages waiting outside any run, from the `start`-th
     oldest message of each lane, `limit` messages a lane."""
     pipe = client.pipeline(transaction=False)
     for lane in LANES:
         # kombu pushes on the left and the worker pops on the right: the oldest are last.
         pipe.lrange(lane, -(start + limit), -(start + 1))
-    found: dict[str, EmbedRequest] = {}
+    found: dict[str, Waiting] = {}
     for messages in pipe.execute():
         for raw in reversed(messages):
-            request = app_job(raw)
-            if request is not None and request.skill_id not in exclude:
-                found.setdefault(request.skill_id, request)
+            job = app_job(raw)
+            if job is not None and job[1].skill_id not in exclude:
+                found.setdefault(job[1].skill_id, Waiting(job[1], [])).jobs.append(job[0])
     return list(found.values())
 
 
-def app_job(raw: bytes) -> EmbedRequest | None:
-    """The skill of a waiting `tasks.embed_skill` message from the app (Celery's message
-    protocol 2, as Celery and celery-node send it); None for anything else."""
+def app_job(raw: bytes) -> tuple[str, EmbedRequest] | None:
+    """The job id and skill of a waiting `tasks.embed_skill` message from the app (Celery's
+    message protocol 2, as Celery and celery-node send it); None for anything else."""
     try:
         message = orjson.loads(raw)
         headers = message.get("headers") or {}
-        if headers.get("task") != EMBED_SKILL or headers.get("eta"):
+        job_id = headers.get("id")
+        if headers.get("task") != EMBED_SKILL or headers.get("eta") or not job_id:
             return None
         body: Any = message["body"]
         if (message.get("properties") or {}).get("body_encoding") == "base64":
@@ -172,12 +183,12 @@ def app_job(raw: bytes) -> EmbedRequest | None:
     skill_id, tenant_id = values.get("skill_id"), values.get("tenant_id")
     if values.get("run_id") is not None or values.get("force") or not isinstance(skill_id, str):
         return None
-    return EmbedRequest(skill_id, tenant_id if isinstance(tenant_id, str) else None)
+    return str(job_id), EmbedRequest(skill_id, tenant_id if isinstance(tenant_id, str) else None)
 
 
 def reserve(
-    client: redis.Redis, candidates: Sequence[EmbedRequest], most: int, *, seconds: float
-) -> list[EmbedRequest]:
+    client: redis.Redis, candidates: Sequence[Waiting], most: int, *, seconds: float
+) -> list[Waiting]:
     """The first `most` candidates no other job has reserved, now reserved for `seconds`.
 
     A reservation only keeps other jobs from taking the skill as a companion: its own job
@@ -186,10 +197,10 @@ def reserve(
     token = uuid.uuid4().hex
     pipe = client.pipeline(transaction=False)
     for candidate in candidates:
-        pipe.set(RESERVED + candidate.skill_id, token, nx=True, px=int(seconds * 1000))
+        pipe.set(RESERVED + candidate.request.skill_id, token, nx=True, px=int(seconds * 1000))
     taken = pipe.execute()
     mine = [c for c, ok in zip(candidates, taken, strict=True) if ok]
     extra = mine[most:]
     if extra:
-        client.delete(*(RESERVED + c.skill_id for c in extra))
+        client.delete(*(RESERVED + c.request.skill_id for c in extra))
     return mine[:most]
