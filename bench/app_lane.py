@@ -6,8 +6,8 @@
   (a) publish -> row: skills published one after another on an idle worker, each timed from
       `enqueue_embed_skill` to its row (p50, p95 of --publishes);
   (b) a burst of --burst app jobs (a reviewer approving a queue, a tenant importing its
-      catalog), all queued at once, to the last row; beside a backfill over as many other
-      skills in the same run; and the Ollama requests each took;
+      catalog), all queued at once, to the last of its jobs done; beside a backfill over as
+      many other skills in the same run, from `celery call` to the last of its jobs done;
   (c) publish -> row while a --busy-skills backfill runs (p50, p95).
 
 Results print as a table and go to bench/results/app_lane.json.
@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import redis as redis_lib
 import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +38,7 @@ from db.session import make_engine
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tasks.producer import enqueue_embed_skill
+from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
 
 console = Console()
 
@@ -66,6 +68,16 @@ def wait_rows(engine: sa.Engine, ids: list[str], timeout: float = 600) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("skills were not embedded in time")
             time.sleep(0.001)
+
+
+def drained(redis_url: str) -> None:
+    """Wait until no job waits in a queue or in a worker (kombu's unacked hash)."""
+    client = redis_lib.Redis.from_url(redis_url)
+    while any(client.llen(q) for q in (CELERY_DEFAULT, INTERACTIVE, BULK)) or client.hlen(
+        "unacked"
+    ):
+        time.sleep(0.002)
+    client.close()
 
 
 def publish_one_by_one(engine: sa.Engine, redis_url: str, count: int) -> list[float]:
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for skill_id in burst:
             enqueue_embed_skill(skill_id, TENANT, broker_url=redis.url)
         wait_rows(engine, burst)
+        drained(redis.url)  # every job of the burst done, each with its own outcome
         burst_s = time.perf_counter() - started
         add_skills(engine, args.burst, "Backfilled")
         started = time.perf_counter()
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   ).scalar():  # fmt: skip
                 connection.commit()
                 time.sleep(0.003)
+        drained(redis.url)
         backfill_s = time.perf_counter() - started
         results["burst"] = {"jobs": args.burst, "seconds": burst_s,
                             "per_s": args.burst / burst_s,

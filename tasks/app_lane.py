@@ -5,21 +5,23 @@ importing its catalog) drains in batches while every job keeps its own message.
 A job peeks at the oldest messages of the interactive queues (the Redis lists Celery's broker
 keeps), reserves the skills of up to EMBED_BATCH_SIZE - 1 of them for a short while, and embeds
 them with its own. Each companion whose vector was written is marked "embedded"; when its own
-job comes, it finds its skill current and reports `embedded` from that mark, with its own
-retries, result and Flower entry as before. Nothing waits for a batch to fill: a lone publish
-goes at once. Every skill of the request is counted toward deaths (tasks.crashes), so a skill
-that kills the process is sent alone from then on, and capped, as a lone job's is.
+job comes, it takes the mark and reports `embedded` without another look at the database (the
+job ahead read the skill after this job was queued), with its own result and Flower entry.
+Nothing waits for a batch to fill: a lone publish goes at once. Every skill of the request is
+counted toward deaths (tasks.crashes), so a skill that kills the process is sent alone from
+then on, and capped, as a lone job's is.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 
 from tasks.crashes import APP_JOBS
@@ -36,99 +38,142 @@ LANES = (CELERY_DEFAULT, INTERACTIVE)
 # How many waiting messages a job looks at for each companion it wants: the oldest may be
 # reserved by a job ahead of it (on this worker or another).
 PEEK_FACTOR = 4
+# How far back a job looks, in pages of PEEK_FACTOR x its companions (about 1,000 messages).
+PEEK_PAGES = 8
 RESERVED = "embedder:app:reserved:"
 EMBEDDED = "embedder:app:embedded:"
 # A mark outlives any queue a burst leaves: its job reports `embedded`, not `unchanged`.
 MARK_SECONDS = 6 * 3600
 
 
-def embed_app_job(rt: Runtime, request: EmbedRequest) -> Result:
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A skill that app jobs waiting in the queues ask for, and those jobs' ids."""
+
+    request: EmbedRequest
+    jobs: list[str]
+
+
+def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None) -> Result:
     """Embed a job's skill with the app's jobs waiting behind it; the job's own result."""
     skill_id = request.skill_id
+    written_ahead = _take_mark(rt.redis, job_id) if job_id else None
+    if written_ahead is not None:
+        # A job ahead read this skill after this job was queued, so after the edit it stands
+        # for, and wrote its vector: the job is done (a newer edit has a job of its own).
+        return Embedded(Outcome.EMBEDDED, written_ahead)
     most = rt.settings.embed_max_deliveries
     deaths = rt.crashes.deaths(APP_JOBS, [skill_id]).get(skill_id, 0)
     if deaths >= most:
         return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
     # A process died while embedding it: alone, it cannot take neighbours down again.
     companions = [] if deaths or request.force else waiting_companions(rt, request)
-    requests = [request, *companions]
+    requests = [request, *(c.request for c in companions)]
     with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
         results = embed_skills(rt, requests)
     stage_edits(rt, requests, results)  # while a tenant switches models: the new one's too
-    written = [
-        c.skill_id
-        for c, result in zip(companions, results[1:], strict=True)
-        if isinstance(result, Embedded) and result.outcome is Outcome.EMBEDDED
-    ]
-    own = results[0]
-    marked = _mark(rt.redis, written, skill_id)
     if companions:
+        written = [
+            (c, result.name)
+            for c, result in zip(companions, results[1:], strict=True)
+            if isinstance(result, Embedded) and result.outcome is Outcome.EMBEDDED
+        ]
+        _mark(rt.redis, {job: name for c, name in written for job in c.jobs})
         logger.info("Embedded %d waiting app jobs' skills with %s's", len(written), skill_id)
-    if marked and isinstance(own, Embedded) and own.outcome is Outcome.UNCHANGED:
-        return Embedded(Outcome.EMBEDDED, own.name)  # written for this job by one ahead of it
-    return own
+    return results[0]
 
 
-def _mark(client: redis.Redis, written: Sequence[str], own: str) -> bool:
-    """Mark the companions written; whether a job ahead of this one marked `own` (taken)."""
+def _take_mark(client: redis.Redis, job_id: str) -> str | None:
+    """The skill's name if a job ahead embedded it for this job (the mark is used up).
+
+    Marks are per job, not per skill: a later job for the same skill (a later edit) never
+    takes a mark meant for an earlier one."""
+    try:
+        name = client.getdel(EMBEDDED + job_id)
+    except redis.RedisError:
+        return None  # the job embeds its skill itself, or finds it current
+    if name is None:
+        return None
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _mark(client: redis.Redis, written: dict[str, str]) -> None:
+    """Mark the jobs whose skill was written, with its name, for them to report."""
     try:
         pipe = client.pipeline(transaction=False)
-        for companion in written:
-            pipe.set(EMBEDDED + companion, 1, ex=MARK_SECONDS)
-        pipe.getdel(EMBEDDED + own)
-        return pipe.execute()[-1] is not None
+        for job, name in written.items():
+            pipe.set(EMBEDDED + job, name, ex=MARK_SECONDS)
+        pipe.execute()
     except redis.RedisError as exc:
-        # The vectors are written: without the marks their jobs report `unchanged`, no more.
+        # The vectors are written: without the marks their jobs find them current, no more.
         logger.warning("Could not mark the app jobs embedded together: %s", exc)
-        return False
 
 
-def waiting_companions(rt: Runtime, request: EmbedRequest) -> list[EmbedRequest]:
-    """App jobs waiting in the interactive lanes, oldest first, reserved for this job."""
+def waiting_companions(rt: Runtime, request: EmbedRequest) -> list[Waiting]:
+    """App jobs waiting in the interactive lanes, oldest first, reserved for this job.
+
+    The oldest waiting jobs of a burst are mostly reserved already (their skills went with a
+    job ahead, their own jobs have yet to confirm it), so the queues are read a page at a time,
+    further back, until the batch is full or PEEK_PAGES pages were read.
+    """
     wanted = rt.settings.embed_batch_size - 1
     if wanted < 1:
         return []
+    page = wanted * PEEK_FACTOR
+    mine: list[Waiting] = []
+    seen = {request.skill_id}
     try:
-        candidates = peek(rt.redis, wanted * PEEK_FACTOR, exclude={request.skill_id})
-        if not candidates:
-            return []
-        deaths = rt.crashes.deaths(APP_JOBS, [c.skill_id for c in candidates])
-        candidates = [c for c in candidates if not deaths.get(c.skill_id)]
-        return reserve(rt.redis, candidates, wanted, seconds=rt.claim_seconds)
+        for number in range(PEEK_PAGES):
+            candidates = peek(rt.redis, page, start=number * page, exclude=seen)
+            seen.update(c.request.skill_id for c in candidates)
+            deaths = rt.crashes.deaths(APP_JOBS, [c.request.skill_id for c in candidates])
+            candidates = [c for c in candidates if not deaths.get(c.request.skill_id)]
+            mine += reserve(rt.redis, candidates, wanted - len(mine), seconds=rt.claim_seconds)
+            if len(mine) >= wanted or (not candidates and not _more(rt.redis, (number + 1) * page)):
+                break
     except redis.RedisError as exc:
         # Companions are an optimisation: without Redis, the job embeds its own skill.
         logger.warning("Could not look at the waiting app jobs: %s", exc)
-        return []
+    return mine
 
 
-def peek(client: redis.Redis, limit: int, *, exclude: set[str]) -> list[EmbedRequest]:
-    """Up to `limit` distinct skills of embed_skill messages waiting outside any run."""
+def _more(client: redis.Redis, depth: int) -> bool:
+    """Whether a lane holds messages further back than `depth`."""
     pipe = client.pipeline(transaction=False)
     for lane in LANES:
-        pipe.lrange(lane, -limit, -1)  # kombu pushes on the left, the worker pops the right
-    found: dict[str, EmbedRequest] = {}
+        pipe.llen(lane)
+    return any(int(length) > depth for length in pipe.execute())
+
+
+def peek(client: redis.Redis, limit: int, *, start: int = 0, exclude: set[str]) -> list[Waiting]:
+    """Distinct skills of embed_skill messages waiting outside any run, from the `start`-th
+    oldest message of each lane, `limit` messages a lane."""
+    pipe = client.pipeline(transaction=False)
+    for lane in LANES:
+        # kombu pushes on the left and the worker pops on the right: the oldest are last.
+        pipe.lrange(lane, -(start + limit), -(start + 1))
+    found: dict[str, Waiting] = {}
     for messages in pipe.execute():
         for raw in reversed(messages):
-            request = app_job(raw)
-            if request is not None and request.skill_id not in exclude:
-                found.setdefault(request.skill_id, request)
-            if len(found) >= limit:
-                return list(found.values())
+            job = app_job(raw)
+            if job is not None and job[1].skill_id not in exclude:
+                found.setdefault(job[1].skill_id, Waiting(job[1], [])).jobs.append(job[0])
     return list(found.values())
 
 
-def app_job(raw: bytes) -> EmbedRequest | None:
-    """The skill of a waiting `tasks.embed_skill` message from the app (Celery's message
-    protocol 2, as Celery and celery-node send it); None for anything else."""
+def app_job(raw: bytes) -> tuple[str, EmbedRequest] | None:
+    """The job id and skill of a waiting `tasks.embed_skill` message from the app (Celery's
+    message protocol 2, as Celery and celery-node send it); None for anything else."""
     try:
-        message = json.loads(raw)
+        message = orjson.loads(raw)
         headers = message.get("headers") or {}
-        if headers.get("task") != EMBED_SKILL or headers.get("eta"):
+        job_id = headers.get("id")
+        if headers.get("task") != EMBED_SKILL or headers.get("eta") or not job_id:
             return None
         body: Any = message["body"]
         if (message.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args, kwargs, _ = json.loads(body)
+        args, kwargs, _ = orjson.loads(body)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     if not isinstance(args, list) or not isinstance(kwargs, dict):
@@ -138,12 +183,12 @@ def app_job(raw: bytes) -> EmbedRequest | None:
     skill_id, tenant_id = values.get("skill_id"), values.get("tenant_id")
     if values.get("run_id") is not None or values.get("force") or not isinstance(skill_id, str):
         return None
-    return EmbedRequest(skill_id, tenant_id if isinstance(tenant_id, str) else None)
+    return str(job_id), EmbedRequest(skill_id, tenant_id if isinstance(tenant_id, str) else None)
 
 
 def reserve(
-    client: redis.Redis, candidates: Sequence[EmbedRequest], most: int, *, seconds: float
-) -> list[EmbedRequest]:
+    client: redis.Redis, candidates: Sequence[Waiting], most: int, *, seconds: float
+) -> list[Waiting]:
     """The first `most` candidates no other job has reserved, now reserved for `seconds`.
 
     A reservation only keeps other jobs from taking the skill as a companion: its own job
@@ -152,10 +197,10 @@ def reserve(
     token = uuid.uuid4().hex
     pipe = client.pipeline(transaction=False)
     for candidate in candidates:
-        pipe.set(RESERVED + candidate.skill_id, token, nx=True, px=int(seconds * 1000))
+        pipe.set(RESERVED + candidate.request.skill_id, token, nx=True, px=int(seconds * 1000))
     taken = pipe.execute()
     mine = [c for c, ok in zip(candidates, taken, strict=True) if ok]
     extra = mine[most:]
     if extra:
-        client.delete(*(RESERVED + c.skill_id for c in extra))
+        client.delete(*(RESERVED + c.request.skill_id for c in extra))
     return mine[:most]

@@ -100,7 +100,7 @@ def embed_skill(
             if isinstance(outcome, str):
                 return outcome  # recorded by its batch, which may have run before this job came
             return settle(self, outcome, skill_id, run_id)
-        result = embed_app_job(rt, request)
+        result = embed_app_job(rt, request, self.request.id)
     except Exception as exc:
         # A cut connection, a deadlock, a timeout, Redis away: retried like Ollama being down.
         error = database_error(exc) or redis_error(exc)

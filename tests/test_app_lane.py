@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 from celery import Celery
 
 from devstack.fake_ollama import FakeOllama
@@ -171,3 +172,37 @@ def test_an_edit_that_arrives_while_an_older_job_is_in_a_batch_wins(
     assert results[newer] == "embedded"
     assert {results[jobs[other]] for other in others} == {"embedded"}
     assert set(others) <= embedded_ids(db)
+
+
+def test_a_later_edit_of_a_skill_embedded_ahead_is_embedded_again(
+    db: Database, worker: Process, ollama: FakeOllama, producer: Celery,
+    embedder_env: dict[str, str],
+) -> None:  # fmt: skip
+    # A job ahead embeds a waiting job's skill and marks that job done; the job itself is
+    # lost (Redis restarted empty). A later edit's job must not take that mark as its own.
+    db.add_tenant(TENANT_A)
+    leader = db.add_skill(TENANT_A, "Leader skill", "Published first")
+    ahead = db.add_skill(TENANT_A, "Ahead skill", "Its job takes the next one along")
+    skill = db.add_skill(TENANT_A, "Summarise tickets", "First text")
+    first = ollama.hold()
+    publish(producer, leader)
+    first.wait_held()
+    publish(producer, ahead)
+    lost = publish(producer, skill)
+    second = ollama.hold()
+    first.release()
+    second.wait_held()  # the job ahead is with Ollama, the skill with it
+    client = redis.Redis.from_url(embedder_env["REDIS_URL"])
+    [message] = [m for m in client.lrange(INTERACTIVE, 0, -1) if lost.encode() in m]
+    client.lrem(INTERACTIVE, 1, message)
+    client.close()
+    second.release()
+    wait_until(lambda: skill in embedded_ids(db), what="the skill embedded ahead of its job")
+
+    db.edit_skill(skill, description="Second text")
+    newer = publish(producer, skill)
+
+    newest = skill_text("Summarise tickets", "Second text")
+    wait_until(lambda: row_hash(db, skill) == input_hash(newest), what="the later edit's vector")
+    wait_until(lambda: newer in job_results(worker.log()), what="the later edit's job")
+    assert job_results(worker.log())[newer] == "embedded"
