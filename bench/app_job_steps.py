@@ -25,10 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.app_lane import add_skills
-from bench.from_command import FakeProcess
 from bench.throughput import TENANT, psycopg_url, seed_catalog
 from db import migrate
 from db.session import make_engine
+from devstack.fake_process import FakeOllamaProcess
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-steps-"))
     pg = LocalPostgres(work / "pg", durable=False).start()
     redis = LocalRedis().start()
-    fake = FakeProcess(7.5, 4.3, work / "fake.log")
+    fake = FakeOllamaProcess(7.5, 4.3, work / "fake.log")
     try:
         engine = make_engine(psycopg_url(pg.url()))
         migrate.upgrade(engine)

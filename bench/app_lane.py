@@ -31,10 +31,11 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
-from bench.from_command import CELERY, FakeProcess, start_worker, stop
+from bench.from_command import CELERY, start_worker, stop
 from bench.throughput import RESULTS, TENANT, percentile, psycopg_url, seed_catalog
 from db import migrate
 from db.session import make_engine
+from devstack.fake_process import FakeOllamaProcess
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tasks.producer import enqueue_embed_skill
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-app-lane-"))
     pg = LocalPostgres(work / "pg", durable=False).start()
     redis = LocalRedis().start()
-    fake = FakeProcess(args.request_ms, args.input_ms, work / "fake.log")
+    fake = FakeOllamaProcess(args.request_ms, args.input_ms, work / "fake.log")
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
     worker: subprocess.Popen[bytes] | None = None
     try:

@@ -40,34 +40,13 @@ from bench.job_overhead import cpu_seconds, write_ceiling
 from bench.throughput import RESULTS, clear_embeddings, psycopg_url, seed_catalog, sequential_loop
 from db import migrate
 from db.session import make_engine
+from devstack.fake_process import FakeOllamaProcess
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 from tasks.queues import BULK, INTERACTIVE
 
 console = Console()
 CELERY = [sys.executable, "-m", "celery"]
-
-
-class FakeProcess:
-    """`python -m devstack.fake_ollama` in its own process, at one cost."""
-
-    def __init__(self, request_ms: float, input_ms: float, log: Path) -> None:
-        with log.open("wb") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "devstack.fake_ollama", "--port", "0",
-                 "--request-ms", str(request_ms), "--input-ms", str(input_ms)],
-                stdout=output, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while "listening on " not in log.read_text():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"the fake Ollama did not start: {log.read_text()}")
-            time.sleep(0.05)
-        self.url = log.read_text().split("listening on ")[1].split()[0]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 def start_worker(
@@ -183,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     pg = LocalPostgres(work / "pg", durable=False).start()
     redis = LocalRedis().start()
     fakes = {
-        "cpu": FakeProcess(args.request_ms, args.input_ms, work / "fake-cpu.log"),
-        "zero": FakeProcess(0.0, 0.0, work / "fake-zero.log"),
+        "cpu": FakeOllamaProcess(args.request_ms, args.input_ms, work / "fake-cpu.log"),
+        "zero": FakeOllamaProcess(0.0, 0.0, work / "fake-zero.log"),
     }
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
                                 "cost_model_ms": [args.request_ms, args.input_ms]}  # fmt: skip

@@ -1,17 +1,18 @@
 """Backfill scale-out: 1 worker + 1 Ollama against N workers + N Ollamas, with measured CPU.
 
 `python -m bench.scaleout` starts a throwaway PostgreSQL, Redis and one fake Ollama per worker
-(in this process; default cost 7.5 ms per request + 4.3 ms per input, all-MiniLM-L6-v2 on a
-2-core CPU), seeds --skills published skills in the default tenant without pinning its
-site_settings.ollama_url, then for each --workers count N:
+(each in a process of its own, so that the bench is not what it measures; default cost 7.5 ms
+per request + 4.3 ms per input, all-MiniLM-L6-v2 on a 2-core CPU), seeds --skills published
+skills in the default tenant without pinning its site_settings.ollama_url, then for each
+--workers count N:
 
   * starts N real `celery -A worker worker` processes, worker i with OLLAMA_URL = fake i;
   * runs `celery -A worker call tasks.backfill` over a fresh run and times it from the call
     to the run's summary line (`Done. Embedded X/Y skills. Z failures.`);
   * reports each fake's inputs, requests, most concurrent requests and share of the inputs;
   * samples CPU every 100 ms: the machine, each worker's main and pool processes, PostgreSQL,
-    Redis, this process (the fakes' threads) and the `celery call`, and says what limits the
-    speed-up.
+    Redis, each fake, this process (the harness) and the `celery call`, and says what limits
+    the speed-up.
 
 Results print as tables and go to bench/results/scaleout.json. See bench/README.md.
 """
@@ -47,8 +48,7 @@ from bench.fanout import SEED_SKILLS_SQL
 from bench.throughput import RESULTS, TENANT, clear_embeddings, psycopg_url
 from db import migrate
 from db.session import make_engine
-from devstack import ollama_protocol
-from devstack.fake_ollama import FakeOllama
+from devstack.fake_process import FakeOllamaProcess
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
 
@@ -367,7 +367,6 @@ class Servers:
     database_url: str
     redis: LocalRedis
     postgres_pid: int
-    fakes: list[FakeOllama]
     work: Path
 
 
@@ -395,16 +394,17 @@ class RunTiming:
 
 def run_configuration(servers: Servers, workers: int, options: Options) -> dict[str, Any]:
     console.rule(f"{workers} worker(s) + {workers} Ollama(s), {options.skills:,} skills")
-    fakes = servers.fakes[:workers]
     # A fresh run from the same state: no embeddings, no runs, no queued messages, the default
-    # tenant's settings as seeded, fresh fake stats and a cold cache of the fakes' vectors.
+    # tenant's settings as seeded, and new fakes (no stats, a cold cache of their vectors).
     redis.Redis.from_url(servers.redis.url).flushall()
     clear_embeddings(servers.engine)
     reset_settings(servers.engine, options.settings_row)
-    for fake in servers.fakes:
-        fake.reset()
-    ollama_protocol.vector_json.cache_clear()
-    ollama_protocol._unit_vector.cache_clear()
+    fakes = [
+        FakeOllamaProcess(
+            options.request_s * 1000, options.input_s * 1000, servers.work / f"n{workers}-f{i}.log"
+        )
+        for i in range(1, workers + 1)
+    ]
 
     base_env = {
         key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_", "EMBED_"))
@@ -425,23 +425,28 @@ def run_configuration(servers: Servers, workers: int, options: Options) -> dict[
         for worker in started_workers:
             worker.wait_ready()
         time.sleep(1.0)  # let the workers' start-up CPU settle before the baseline
-        timing, sampler, main_cpu, call_cpu = timed_backfill(servers, started_workers, options)
+        timing, sampler, main_cpu, call_cpu = timed_backfill(
+            servers, started_workers, fakes, options
+        )
+        ollamas = describe_fakes(fakes, timing.seconds, timing.run, options)
     finally:
         for worker in started_workers:
             worker.stop()
+        for fake in fakes:
+            fake.stop()
     run = timing.run
     return {
         "workers": workers,
         **describe_timing(timing, run, options.skills),
         "site_settings_ollama_url": settings_url(servers.engine),
-        "ollamas": describe_fakes(fakes, timing.seconds, run["seconds"] if run else None, options),
+        "ollamas": ollamas,
         "per_worker": describe_workers(started_workers),
         "cpu": describe_cpu(sampler, main_cpu, call_cpu, workers, timing, run),
     }
 
 
 def timed_backfill(
-    servers: Servers, workers: list[Worker], options: Options
+    servers: Servers, workers: list[Worker], fakes: list[FakeOllamaProcess], options: Options
 ) -> tuple[RunTiming, CpuSampler, float, float]:
     """Call tasks.backfill and wait for its summary, sampling CPU all along."""
     timing = RunTiming(worker_pids={w.name: w.pid for w in workers})
@@ -452,6 +457,8 @@ def timed_backfill(
     components["postgres"] = (servers.postgres_pid, "tree")
     assert servers.redis.process is not None
     components["redis"] = (servers.redis.process.pid, "tree")
+    for i, fake in enumerate(fakes, start=1):
+        components[f"fake {i}"] = (fake.pid, "tree")
     components["bench process"] = (os.getpid(), "self")
     tail = LogTail([w.log_path for w in workers])
     env = {**workers[0].env, "OLLAMA_URL": APP_DEFAULT_OLLAMA_URL}  # the call embeds nothing
@@ -531,23 +538,28 @@ def describe_timing(timing: RunTiming, run: dict[str, Any] | None, skills: int) 
 
 
 def describe_fakes(
-    fakes: list[FakeOllama], seconds: float, run_seconds: float | None, options: Options
+    fakes: list[FakeOllamaProcess],
+    seconds: float,
+    run: dict[str, Any] | None,
+    options: Options,
 ) -> list[dict[str, Any]]:
     """Per fake: its stats, and how long its slot was held (by the cost model) as a share of
     the whole measure (call to summary) and of the run's own window in the database."""
-    total_inputs = sum(fake.inputs for fake in fakes) or 1
+    run_seconds = run["seconds"] if run else None
+    stats = [fake.stats() for fake in fakes]
+    total_inputs = sum(int(s["inputs"]) for s in stats) or 1
     result = []
-    for i, fake in enumerate(fakes, start=1):
-        answered = len(fake.batch_sizes)
-        busy = answered * options.request_s + fake.inputs * options.input_s
+    for i, (fake, stat) in enumerate(zip(fakes, stats, strict=True), start=1):
+        inputs = int(stat["inputs"])
+        busy = len(stat["batch_sizes"]) * options.request_s + inputs * options.input_s
         result.append(
             {
                 "ollama": i,
                 "url": fake.url,
-                "inputs": fake.inputs,
-                "requests": fake.requests,
-                "max_concurrent": fake.max_concurrent,
-                "share": round(fake.inputs / total_inputs, 4),
+                "inputs": inputs,
+                "requests": int(stat["requests"]),
+                "max_concurrent": int(stat["max_concurrent"]),
+                "share": round(inputs / total_inputs, 4),
                 # The time its one slot is held by the cost model (sleep in the fake).
                 "model_busy_s": round(busy, 3),
                 "slot_busy_pct": round(100 * busy / seconds, 1) if seconds else 0.0,
@@ -584,10 +596,8 @@ def describe_cpu(
     for i in range(1, workers + 1):
         components[f"w{i} main"] = delta.pop(f"w{i} main")
         components[f"w{i} pool"] = delta.pop(f"w{i} pool")
-    components["fake Ollamas (bench threads)"] = max(
-        0.0, bench_total - main_cpu - sampler.thread_cpu
-    )
-    components["bench harness (poll + sampler)"] = main_cpu + sampler.thread_cpu
+    components["fake Ollamas"] = sum(delta.pop(f"fake {i}") for i in range(1, workers + 1))
+    components["bench harness (poll + sampler)"] = bench_total
     components["postgres"] = delta.pop("postgres")
     components["redis"] = delta.pop("redis")
     components["celery call"] = call_cpu
@@ -641,7 +651,7 @@ def limit_line(config: dict[str, Any]) -> str:
     c = cpu["components_s"]
     usage = (
         f"workers use {cpu['workers_total_s']:.1f} CPU-s, fakes"
-        f" {c['fake Ollamas (bench threads)']:.1f}, postgres {c['postgres']:.1f},"
+        f" {c['fake Ollamas']:.1f}, postgres {c['postgres']:.1f},"
         f" redis {c['redis']:.1f}, celery call {c['celery call']:.1f}, harness"
         f" {c['bench harness (poll + sampler)']:.1f}, other processes {c['other processes']:.1f},"
         f" unattributed {c['unattributed']:.1f} over {cpu['wall_s']:.1f} s"
@@ -674,7 +684,7 @@ def limit_line(config: dict[str, Any]) -> str:
         return f"Ollama-bound: slots busy {slots} of the run; {machine}; {usage}"
     if cpu["bench_process_pct"] >= 85:
         return (
-            f"Harness-bound: this process (the fakes, one GIL) at {cpu['bench_process_pct']:.0f}%"
+            f"Harness-bound: this process (poll and sampler) at {cpu['bench_process_pct']:.0f}%"
             f" of a core; {machine}; {usage}"
         )
     return (
@@ -833,10 +843,6 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
     pg = LocalPostgres(work / "pg", durable=False).start()
     broker = LocalRedis().start()
-    fakes = [
-        FakeOllama(request_latency=options.request_s, input_latency=options.input_s).start()
-        for _ in range(max(args.workers))
-    ]
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -856,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(psycopg_url(database_url))
         migrate.upgrade(engine)
         seed(engine, args.skills)
-        servers = Servers(engine, database_url, broker, postmaster_pid(pg), fakes, work)
+        servers = Servers(engine, database_url, broker, postmaster_pid(pg), work)
         for workers in args.workers:
             config = run_configuration(servers, workers, options)
             config["limit"] = limit_line(config)
@@ -866,8 +872,6 @@ def main(argv: list[str] | None = None) -> int:
             results["configs"].append(config)
         engine.dispose()
     finally:
-        for fake in fakes:
-            fake.stop()
         broker.stop()
         pg.destroy()
         if args.keep_logs:
