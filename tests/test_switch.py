@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -93,6 +94,14 @@ def test_a_switch_stages_then_swaps_and_search_finds_the_same_text_first(
     assert db.scalar("SELECT count(*) FROM staged_embeddings") == 0
     assert_new_vectors_of_current_text(db)
     assert len(re.findall(r"\[\d+/20\] Embedded: ", worker.log())) >= 20
+    status = cli(embedder_env, "status")
+    assert f"Last run: staging a switch to {NEW} ({TENANT_A}), run " in status.stdout
+    assert f": Done. Staged 20/20 skills for {NEW}. 0 failures." in status.stdout
+    assert "Last backfill" not in status.stdout
+    run = json.loads(cli(embedder_env, "status", "--json").stdout)["run"]
+    assert (run["kind"], run["model"], run["summary"]) == (
+        "switch", NEW, f"Done. Staged 20/20 skills for {NEW}. 0 failures.",
+    )  # fmt: skip
 
     found = cli(embedder_env, "search", "Catalog skill 0007 Does useful thing number 7")
 
@@ -154,6 +163,7 @@ def test_cancel_mid_staging_leaves_live_rows_and_settings_as_they_were(
         gate.wait_held()
         again = cli(embedder_env, "switch-model", "--tenant", TENANT_A, "--model", NEW)
         shown = cli(embedder_env, "status", "--json")
+        shown_text = cli(embedder_env, "status")
         listed = cli(embedder_env, "switch-model", "--status")
         cancelled = cli(embedder_env, "switch-model", "--cancel", "--tenant", TENANT_A)
     finally:
@@ -164,7 +174,18 @@ def test_cancel_mid_staging_leaves_live_rows_and_settings_as_they_were(
         f"error: Switch refused: tenant {TENANT_A!r} is already switching to {NEW}: wait for it,"
         f" or cancel it (python -m worker switch-model --cancel --tenant {TENANT_A})"
     ]
-    [switch] = __import__("json").loads(shown.stdout)["switches"]
+    document = json.loads(shown.stdout)
+    [switch] = document["switches"]
+    # The newest run is the switch's staging, and says so.
+    run = document["run"]
+    assert (run["kind"], run["model"], run["tenant_id"], run["total"]) == (
+        "switch", NEW, TENANT_A, 40,
+    )  # fmt: skip
+    assert (run["summary"], run["finished_at"]) == (None, None)
+    assert f"Running: staging a switch to {NEW} ({TENANT_A}), run {run['id']}, since " in (
+        shown_text.stdout
+    )
+    assert "Backfill " not in shown_text.stdout
     assert (switch["model"], switch["state"], switch["published"], switch["failed"]) == (
         NEW, "staging", 40, 0,
     )  # fmt: skip
