@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -15,7 +14,7 @@ from devstack.fake_ollama import FakeOllama, vector_for
 from tasks import enqueue_embed_skill
 from tasks.text import skill_text
 from tests.databases import APP_ROLE, TENANT_A, Database
-from tests.processes import Process, start_worker
+from tests.processes import Process
 from tests.test_backfill import call_backfill, published_catalog, summaries
 from tests.waiting import wait_until
 
@@ -306,36 +305,3 @@ def test_skills_edited_published_and_unpublished_during_staging_end_current(
     assert ids == (set(skills) - {skills[1]}) | {fresh}
     assert_new_vectors_of_current_text(db)
     assert worker.log().count(SWAPPED) == 1
-
-
-def test_a_worker_killed_mid_staging_is_finished_by_another_and_swaps_once(
-    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
-) -> None:
-    db.add_tenant(TENANT_A)
-    skills = sorted(published_catalog(db, 300))
-    names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
-    ollama.request_latency = 0.02
-    gate = ollama.hold(match=names[skills[150]])
-    first = start_worker(embedder_env, tmp_path / "first.log", "first")
-    try:
-        started = cli(embedder_env, "switch-model", "--tenant", TENANT_A, "--model", NEW)
-        assert started.returncode == 0, started.stderr
-        gate.wait_held()
-        staged_before = db.scalar("SELECT count(*) FROM staged_embeddings")
-    finally:
-        first.kill()
-        gate.release()
-    assert 0 < int(str(staged_before)) < 300
-
-    second = start_worker(embedder_env, tmp_path / "second.log", "second")
-    try:
-        wait_until(lambda: SWAPPED in second.log(), timeout=90, what="the swap")
-    finally:
-        second.stop()
-
-    logs = first.log() + second.log()
-    assert staged_summaries(logs) == [(300, 300, NEW, 0)]
-    assert logs.count(SWAPPED) == 1
-    assert live_models(db) == {NEW: 300}
-    assert tenant_model(db) == (NEW, 768)
-    assert db.scalar("SELECT count(*) FROM staged_embeddings") == 0
