@@ -102,8 +102,8 @@ def test_a_backfill_the_open_run_does_not_cover_is_refused_in_one_line(
     db.add_tenant(TENANT_B)
     skills = published_catalog(db, 30) + published_catalog(db, 10, TENANT_B)
     expected = 30 if first else 40
-    # The worker's one slot waits with a job of the held run: an operator's second backfill
-    # goes to a worker of the interactive lane alone.
+    # The worker's one slot waits with a job of the held run: the backfills go to a worker of
+    # the interactive lane alone, whose batch loop may log the open run's summary.
     lane = Process(
         celery("worker", "--loglevel=INFO", "--hostname=lane@%h", "--without-mingle",
                "--without-gossip", "-Q", INTERACTIVE),
@@ -123,7 +123,7 @@ def test_a_backfill_the_open_run_does_not_cover_is_refused_in_one_line(
         still_open = db.scalar("SELECT finished_at IS NULL FROM embedding_runs WHERE id = :id",
                                id=open_run)  # fmt: skip
         gate.release()
-        wait_until(lambda: summaries(worker.log()), timeout=60, what="the open run's summary")
+        wait_until(lambda: summaries(all_logs([worker, lane])), 60, "the open run's summary")
     finally:
         gate.release()
         lane.stop()
