@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
 from tasks.queues import INTERACTIVE
-from tests.databases import TENANT_A, Database
+from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, celery, start_worker
 from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
@@ -77,6 +78,74 @@ def test_two_backfills_started_together_send_each_skill_to_ollama_once(
     assert len(texts) == len(set(texts)) == 120
     assert waiting.returncode == 0, err
     assert out.strip().endswith("Done. Embedded 120/120 skills. 0 failures.")
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "scope"),
+    [
+        ({"tenant_id": TENANT_A}, [], f"tenant {TENANT_A}"),
+        ({}, ["--force"], "every tenant"),
+    ],
+    ids=["one-tenant-then-all", "unforced-then-forced"],
+)
+def test_a_backfill_the_open_run_does_not_cover_is_refused_in_one_line(
+    db: Database,
+    worker: Process,
+    embedder_env: dict[str, str],
+    ollama: FakeOllama,
+    first: dict[str, str],
+    second: list[str],
+    scope: str,
+    tmp_path: Path,
+) -> None:
+    db.add_tenant(TENANT_A)
+    db.add_tenant(TENANT_B)
+    skills = published_catalog(db, 30) + published_catalog(db, 10, TENANT_B)
+    expected = 30 if first else 40
+    # The worker's one slot waits with a job of the held run: the backfills go to a worker of
+    # the interactive lane alone, whose batch loop may log the open run's summary.
+    lane = Process(
+        celery("worker", "--loglevel=INFO", "--hostname=lane@%h", "--without-mingle",
+               "--without-gossip", "-Q", INTERACTIVE),
+        embedder_env, tmp_path / "lane.log",
+    ).start(ready="ready.")  # fmt: skip
+    gate = ollama.hold()
+    try:
+        open_run = call_backfill(embedder_env, "--kwargs", json.dumps(first))
+        gate.wait_held()
+        refused = subprocess.run(
+            backfill_command(*second, "--wait", "--timeout", "60"),
+            env=embedder_env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        still_open = db.scalar("SELECT finished_at IS NULL FROM embedding_runs WHERE id = :id",
+                               id=open_run)  # fmt: skip
+        gate.release()
+        wait_until(lambda: summaries(all_logs([worker, lane])), 60, "the open run's summary")
+    finally:
+        gate.release()
+        lane.stop()
+
+    second_id = refused.stdout.split()[1]
+    line = (
+        f"Backfill refused: backfill {open_run} ({scope}) is still running and holds some of"
+        " these skills: start this one after its summary"
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [f"error: {line}"]
+    assert still_open is True
+    log = all_logs([worker, lane])
+    assert f"tasks.backfill[{second_id}] raised expected: BackfillBusy('{line}')" in log
+    assert "joins backfill" not in log
+    assert "Traceback" not in log
+    # Nothing of the second was recorded or queued; the first ends with its one summary.
+    assert db.scalar("SELECT count(*) FROM embedding_runs") == 1
+    assert db.scalar("SELECT count(*) FROM embedding_run_items WHERE run_id <> :id",
+                     id=open_run) == 0  # fmt: skip
+    assert summaries(log) == [(expected, expected, 0)]
+    assert embedded_ids(db) == set(skills[:expected])
 
 
 def status_json(env: dict[str, str]) -> dict[str, Any]:

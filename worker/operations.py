@@ -59,6 +59,8 @@ def coverage_table(report: list[TenantCoverage]) -> Table:
 def describe_run(state: runs.RunState | None) -> str:
     if state is None:
         return "No backfill has run yet."
+    if state.kind == runs.SWITCH:
+        return describe_staging_run(state)
     if state.finished_at is not None:
         left = f" {state.left_catalog}" if state.left_catalog else ""
         return (
@@ -69,6 +71,18 @@ def describe_run(state: runs.RunState | None) -> str:
         f"Backfill {state.id} running since {state.started_at:%Y-%m-%d %H:%M:%S}:"
         f" {state.done}/{state.total} done ({state.embedded} embedded, {state.unchanged}"
         f" unchanged, {state.failed} failed)"
+    )
+
+
+def describe_staging_run(state: runs.RunState) -> str:
+    """A model switch's staging run: its vectors went aside, not into live search."""
+    what = f"staging a switch to {state.model} ({state.tenant_id}), run {state.id}"
+    if state.finished_at is not None:
+        return f"Last run: {what}, finished {state.finished_at:%Y-%m-%d %H:%M:%S}: {state.summary}"
+    return (
+        f"Running: {what}, since {state.started_at:%Y-%m-%d %H:%M:%S}:"
+        f" {state.done}/{state.total} done ({state.embedded} staged, {state.unchanged}"
+        f" already staged, {state.failed} failed)"
     )
 
 
@@ -95,7 +109,8 @@ def print_status(rt: Runtime, console: Console) -> None:
 
     console.print(coverage_table(coverage_report(rt)))
     with unscoped(rt.sessions) as session:
-        console.print(describe_run(runs.latest_run(session)))
+        # One line however narrow the terminal: operators grep it.
+        console.print(describe_run(runs.latest_run(session)), soft_wrap=True)
         console.print(describe_oldest_pending(failures.oldest_pending_item(session)))
     for row in switch_report(rt):
         console.print("\n".join(describe_switch(row)), highlight=False, markup=False)
@@ -140,6 +155,8 @@ def status_document(rt: Runtime) -> dict[str, Any]:
 def run_document(run: runs.RunState, pending: int) -> dict[str, Any]:
     return {
         "id": run.id,
+        "kind": run.kind,  # "backfill", or "switch": a model switch's staging run
+        "model": run.model,  # a switch's new model; None for a backfill
         "tenant_id": run.tenant_id,
         "force": run.force,
         "total": run.total,
