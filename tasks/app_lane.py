@@ -15,7 +15,10 @@ then on, and capped, as a lone job's is.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +29,9 @@ import redis
 
 from tasks.crashes import APP_JOBS
 from tasks.embedding import Embedded, EmbedRequest, Outcome, Result, embed_skills, skill_name
-from tasks.errors import WorkerDied
+from tasks.errors import WorkerDied, database_error
 from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
+from tasks.retry import describe
 from tasks.runtime import Runtime
 from tasks.switch import stage_edits
 
@@ -44,6 +48,8 @@ RESERVED = "embedder:app:reserved:"
 EMBEDDED = "embedder:app:embedded:"
 # A mark outlives any queue a burst leaves: its job reports `embedded`, not `unchanged`.
 MARK_SECONDS = 6 * 3600
+# Between two looks for the mark of a job whose skill is in a request ahead.
+WAIT_SECONDS = 0.003
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +63,10 @@ class Waiting:
 def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None) -> Result:
     """Embed a job's skill with the app's jobs waiting behind it; the job's own result."""
     skill_id = request.skill_id
-    written_ahead = _take_mark(rt.redis, job_id) if job_id else None
+    written_ahead = _wait_for_mark(rt, skill_id, job_id) if job_id else None
+    if written_ahead is None and job_id and not _reserve_own(rt, skill_id):
+        # The lane's turn took the skill between the look and the reservation: its mark comes.
+        written_ahead = _wait_for_mark(rt, skill_id, job_id)
     if written_ahead is not None:
         # A job ahead read this skill after this job was queued, so after the edit it stands
         # for, and wrote its vector: the job is done (a newer edit has a job of its own).
@@ -68,19 +77,128 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
         return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
     # A process died while embedding it: alone, it cannot take neighbours down again.
     companions = [] if deaths or request.force else waiting_companions(rt, request)
-    requests = [request, *(c.request for c in companions)]
-    with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
-        results = embed_skills(rt, requests)
-    stage_edits(rt, requests, results)  # while a tenant switches models: the new one's too
+    result = embed_together(rt, request, companions)
     if companions:
+        # More of the burst is likely waiting: embed it while the jobs just served confirm.
+        lane_ahead(rt).ensure()
+    assert result is not None  # a request's own result
+    return result
+
+
+def embed_together(
+    rt: Runtime, request: EmbedRequest | None, companions: Sequence[Waiting]
+) -> Result | None:
+    """One request for `request`'s skill (if any) and the companions'; marks the companions'
+    jobs whose skill was written, then frees their reservations. `request`'s result."""
+    requests = [*([request] if request else []), *(c.request for c in companions)]
+    try:
+        with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
+            results = embed_skills(rt, requests)
+        stage_edits(rt, requests, results)  # while a tenant switches models: the new one's too
+        theirs = results[1:] if request else results
         written = [
             (c, result.name)
-            for c, result in zip(companions, results[1:], strict=True)
+            for c, result in zip(companions, theirs, strict=True)
             if isinstance(result, Embedded) and result.outcome is Outcome.EMBEDDED
         ]
+        # Marks before the reservations go: a job waiting on its skill sees one or the other.
         _mark(rt.redis, {job: name for c, name in written for job in c.jobs})
-        logger.info("Embedded %d waiting app jobs' skills with %s's", len(written), skill_id)
-    return results[0]
+    finally:
+        _release(rt.redis, [r.skill_id for r in requests])
+    if companions:
+        leader = request.skill_id if request else "the lane's own turn"
+        logger.info("Embedded %d waiting app jobs' skills with %s", len(written), leader)
+    return results[0] if request else None
+
+
+def _wait_for_mark(rt: Runtime, skill_id: str, job_id: str) -> str | None:
+    """The job's mark; while its skill is reserved (in a request ahead), wait for it, up to a
+    slot's lease (a holder that died leaves the job to embed its skill itself)."""
+    deadline = time.monotonic() + rt.slot_lease_seconds
+    while True:
+        name = _take_mark(rt.redis, job_id)
+        if name is not None:
+            return name
+        try:
+            reserved = bool(rt.redis.exists(RESERVED + skill_id))
+        except redis.RedisError:
+            return None
+        if not reserved or time.monotonic() > deadline:
+            return _take_mark(rt.redis, job_id)  # written just before the reservation went
+        time.sleep(WAIT_SECONDS)
+
+
+class LaneAhead:
+    """This process's turn ahead of the app's jobs: after a job served a batch of a burst,
+    a thread embeds the next ones waiting (reserved, marked) while the served jobs confirm,
+    so the model's time overlaps theirs, as a backfill's batches overlap its jobs."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def ensure(self) -> None:
+        with self._lock:
+            if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._thread = threading.Thread(target=self._drain, name="app-lane", daemon=True)
+            self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                companions = waiting_companions(self.rt, None)
+                if not companions:
+                    return
+                embed_together(self.rt, None, companions)
+        except Exception as exc:
+            # The jobs embed their own skills: nothing waits on this turn but a faster drain.
+            logger.warning("The app lane's turn stopped: %s", describe(database_error(exc) or exc))
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+_ahead: LaneAhead | None = None
+_ahead_lock = threading.Lock()
+
+
+def lane_ahead(rt: Runtime) -> LaneAhead:
+    global _ahead
+    with _ahead_lock:
+        if _ahead is None or _ahead.rt is not rt:
+            _ahead = LaneAhead(rt)
+        return _ahead
+
+
+def reset() -> None:
+    """Forget the parent's turn after a fork (its thread was not copied)."""
+    global _ahead
+    _ahead = None
+
+
+def stop() -> None:
+    if _ahead is not None:
+        _ahead.stop()
+
+
+def _reserve_own(rt: Runtime, skill_id: str) -> bool:
+    """Reserve the job's own skill, so that no turn ahead sends it too; False if one has it."""
+    try:
+        return bool(
+            rt.redis.set(RESERVED + skill_id, "own", nx=True, px=int(rt.claim_seconds * 1000))
+        )
+    except redis.RedisError:
+        return True  # without Redis, the job embeds its skill itself
+
+
+def _release(client: redis.Redis, skill_ids: Sequence[str]) -> None:
+    if not skill_ids:
+        return
+    with contextlib.suppress(redis.RedisError):  # else they expire by themselves
+        client.delete(*(RESERVED + skill_id for skill_id in skill_ids))
 
 
 def _take_mark(client: redis.Redis, job_id: str) -> str | None:
@@ -109,19 +227,19 @@ def _mark(client: redis.Redis, written: dict[str, str]) -> None:
         logger.warning("Could not mark the app jobs embedded together: %s", exc)
 
 
-def waiting_companions(rt: Runtime, request: EmbedRequest) -> list[Waiting]:
+def waiting_companions(rt: Runtime, request: EmbedRequest | None) -> list[Waiting]:
     """App jobs waiting in the interactive lanes, oldest first, reserved for this job.
 
     The oldest waiting jobs of a burst are mostly reserved already (their skills went with a
     job ahead, their own jobs have yet to confirm it), so the queues are read a page at a time,
     further back, until the batch is full or PEEK_PAGES pages were read.
     """
-    wanted = rt.settings.embed_batch_size - 1
+    wanted = rt.settings.embed_batch_size - (1 if request else 0)
     if wanted < 1:
         return []
     page = wanted * PEEK_FACTOR
     mine: list[Waiting] = []
-    seen = {request.skill_id}
+    seen = {request.skill_id} if request else set()
     try:
         for number in range(PEEK_PAGES):
             candidates = peek(rt.redis, page, start=number * page, exclude=seen)

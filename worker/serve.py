@@ -17,7 +17,7 @@ from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
-from tasks import run_loops, runtime
+from tasks import app_lane, run_loops, runtime
 from tasks.jobs import reconcile
 from tasks.queues import INTERACTIVE
 from worker import catch_up, logs
@@ -84,6 +84,7 @@ def _start_pool_process(**_: Any) -> None:
     rt = runtime.current()
     rt.reset()
     run_loops.reset()
+    app_lane.reset()
     # The batch loop's threads wait on Ollama and PostgreSQL while the job thread runs Python;
     # a shorter GIL switch interval hands them the GIL sooner when their answer arrives.
     sys.setswitchinterval(0.001)
@@ -103,4 +104,5 @@ def _start_pool_process(**_: Any) -> None:
 def _stop_batches(**_: Any) -> None:
     # Batches claimed now would only wait out their lease: leave those items to their jobs.
     run_loops.stop()
+    app_lane.stop()
     catch_up.stop()
