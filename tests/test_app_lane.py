@@ -122,9 +122,9 @@ def test_a_skill_in_a_burst_that_kills_the_pool_process_is_isolated_and_given_up
 ) -> None:
     worker = fast_worker
     db.add_tenant(TENANT_A)
-    skills = catalog(db, 12)
+    skills = catalog(db, 6)
     poison = db.add_skill(TENANT_A, "Poison pill", "POISON kills whoever embeds it")
-    skills.insert(5, poison)
+    skills.insert(3, poison)
     jobs = burst_behind_a_leader(db, ollama, producer, skills)
 
     kills = 0
