@@ -64,9 +64,6 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
     """Embed a job's skill with the app's jobs waiting behind it; the job's own result."""
     skill_id = request.skill_id
     written_ahead = _wait_for_mark(rt, skill_id, job_id) if job_id else None
-    if written_ahead is None and job_id and not _reserve_own(rt, skill_id):
-        # The lane's turn took the skill between the look and the reservation: its mark comes.
-        written_ahead = _wait_for_mark(rt, skill_id, job_id)
     if written_ahead is not None:
         # A job ahead read this skill after this job was queued, so after the edit it stands
         # for, and wrote its vector: the job is done (a newer edit has a job of its own).
@@ -75,9 +72,15 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
     deaths = rt.crashes.deaths(APP_JOBS, [skill_id]).get(skill_id, 0)
     if deaths >= most:
         return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
+    own = _reserve_own(rt, skill_id) if job_id else False
+    if job_id and not own:
+        # The lane's turn took the skill between the look and the reservation: its mark comes.
+        written_ahead = _wait_for_mark(rt, skill_id, job_id)
+        if written_ahead is not None:
+            return Embedded(Outcome.EMBEDDED, written_ahead)
     # A process died while embedding it: alone, it cannot take neighbours down again.
     companions = [] if deaths or request.force else waiting_companions(rt, request)
-    result = embed_together(rt, request, companions)
+    result = embed_together(rt, request, companions, release_own=own)
     if companions:
         # More of the burst is likely waiting: embed it while the jobs just served confirm.
         lane_ahead(rt).ensure()
@@ -86,10 +89,15 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
 
 
 def embed_together(
-    rt: Runtime, request: EmbedRequest | None, companions: Sequence[Waiting]
+    rt: Runtime,
+    request: EmbedRequest | None,
+    companions: Sequence[Waiting],
+    *,
+    release_own: bool = False,
 ) -> Result | None:
     """One request for `request`'s skill (if any) and the companions'; marks the companions'
-    jobs whose skill was written, then frees their reservations. `request`'s result."""
+    jobs whose skill was written, then frees their reservations (and `request`'s, if this job
+    holds it). `request`'s result."""
     requests = [*([request] if request else []), *(c.request for c in companions)]
     try:
         with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
@@ -104,7 +112,8 @@ def embed_together(
         # Marks before the reservations go: a job waiting on its skill sees one or the other.
         _mark(rt.redis, {job: name for c, name in written for job in c.jobs})
     finally:
-        _release(rt.redis, [r.skill_id for r in requests])
+        ours = [c.request.skill_id for c in companions]
+        _release(rt.redis, [*ours, *([request.skill_id] if request and release_own else [])])
     if companions:
         leader = request.skill_id if request else "the lane's own turn"
         logger.info("Embedded %d waiting app jobs' skills with %s", len(written), leader)
