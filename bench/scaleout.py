@@ -215,7 +215,6 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True, name="cpu-sampler")
         self.components = components
         self.samples: list[Sample] = []
-        self.thread_cpu = 0.0  # this thread's own CPU seconds, to subtract from this process
         self._halt = threading.Event()
         self._last: dict[str, float] = {}
         self._t0 = time.monotonic()
@@ -270,10 +269,8 @@ class CpuSampler(threading.Thread):
         return sorted(used, key=lambda u: -u[1])
 
     def run(self) -> None:
-        started = time.thread_time()
         while not self._halt.wait(SAMPLE_SECONDS):
             self.sample()
-        self.thread_cpu = time.thread_time() - started
 
     def stop(self) -> None:
         self._halt.set()
@@ -425,9 +422,7 @@ def run_configuration(servers: Servers, workers: int, options: Options) -> dict[
         for worker in started_workers:
             worker.wait_ready()
         time.sleep(1.0)  # let the workers' start-up CPU settle before the baseline
-        timing, sampler, main_cpu, call_cpu = timed_backfill(
-            servers, started_workers, fakes, options
-        )
+        timing, sampler, call_cpu = timed_backfill(servers, started_workers, fakes, options)
         ollamas = describe_fakes(fakes, timing.seconds, timing.run, options)
     finally:
         for worker in started_workers:
@@ -441,13 +436,13 @@ def run_configuration(servers: Servers, workers: int, options: Options) -> dict[
         "site_settings_ollama_url": settings_url(servers.engine),
         "ollamas": ollamas,
         "per_worker": describe_workers(started_workers),
-        "cpu": describe_cpu(sampler, main_cpu, call_cpu, workers, timing, run),
+        "cpu": describe_cpu(sampler, call_cpu, workers, timing, run),
     }
 
 
 def timed_backfill(
     servers: Servers, workers: list[Worker], fakes: list[FakeOllamaProcess], options: Options
-) -> tuple[RunTiming, CpuSampler, float, float]:
+) -> tuple[RunTiming, CpuSampler, float]:
     """Call tasks.backfill and wait for its summary, sampling CPU all along."""
     timing = RunTiming(worker_pids={w.name: w.pid for w in workers})
     components: dict[str, tuple[int, str]] = {}
@@ -464,7 +459,6 @@ def timed_backfill(
     env = {**workers[0].env, "OLLAMA_URL": APP_DEFAULT_OLLAMA_URL}  # the call embeds nothing
 
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    main_before = time.thread_time()
     sampler = CpuSampler(components)
     sampler.start()
     started = time.monotonic()
@@ -500,7 +494,6 @@ def timed_backfill(
     timing.seconds = time.monotonic() - started
     timing.run = run_row(servers.engine)  # the run as the clock stopped (a timeout's progress)
     sampler.stop()
-    main_cpu = time.thread_time() - main_before
     if call.poll() is None:
         call.kill()
     call.wait()
@@ -510,7 +503,7 @@ def timed_backfill(
     call_cpu = (children_after.ru_utime - children_before.ru_utime) + (
         children_after.ru_stime - children_before.ru_stime
     )
-    return timing, sampler, main_cpu, call_cpu
+    return timing, sampler, call_cpu
 
 
 # ------------------------------------------------------------------------------------------
@@ -583,7 +576,6 @@ def describe_workers(workers: list[Worker]) -> dict[str, dict[str, int]]:
 
 def describe_cpu(
     sampler: CpuSampler,
-    main_cpu: float,
     call_cpu: float,
     workers: int,
     timing: RunTiming,
