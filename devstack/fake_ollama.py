@@ -371,6 +371,10 @@ class FakeOllama:
             raise wire.Rejected(503, BUSY)
         try:
             loaded = time.monotonic_ns()
+            # The knobs are the client's view of the model: they run from the request's arrival
+            # (reading and parsing it is the server's time, as in Ollama, not time on top), or
+            # from taking the slot when the request waited for it.
+            began = max(loaded, getattr(_arrival, "ns", loaded))
             context = min(self.context_length, request.num_ctx or self.context_length)
             if not request.truncate and any(wire.count_tokens(t) > context for t in request.inputs):
                 raise wire.Rejected(400, TOO_LONG)  # one long item fails the whole batch
@@ -390,7 +394,7 @@ class FakeOllama:
                 )
             # The knobs are the time the slot is held, computing the vectors included.
             cost = self.request_latency + self.input_latency * len(texts)
-            if halt.wait(max(0.0, cost - (time.monotonic_ns() - loaded) / 1e9)):
+            if halt.wait(max(0.0, cost - (time.monotonic_ns() - began) / 1e9)):
                 return None
         finally:
             self._slot.release()
@@ -496,6 +500,10 @@ for _methods in _ROUTES.values():
         _methods.setdefault("HEAD", _methods["GET"])
 
 
+# When the request line of the request this thread serves came in.
+_arrival = threading.local()
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # down() must not wait for requests that hang
@@ -524,6 +532,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: the tests and the demo have their own output
+
+    def parse_request(self) -> bool:
+        _arrival.ns = time.monotonic_ns()  # the request line has just been read
+        return super().parse_request()
 
     def do_GET(self) -> None:
         self._dispatch("GET")

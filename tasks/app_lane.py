@@ -21,14 +21,26 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis
 
+from db.session import unscoped
 from tasks.crashes import APP_JOBS
-from tasks.embedding import Embedded, EmbedRequest, Outcome, Result, embed_skills, skill_name
+from tasks.embedding import (
+    Batch,
+    Embedded,
+    EmbedRequest,
+    Outcome,
+    Result,
+    fetch_vectors,
+    load_and_decide,
+    skill_name,
+    write_vectors,
+)
 from tasks.errors import WorkerDied, database_error
 from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
 from tasks.retry import describe
@@ -63,21 +75,18 @@ class Waiting:
 def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None) -> Result:
     """Embed a job's skill with the app's jobs waiting behind it; the job's own result."""
     skill_id = request.skill_id
-    written_ahead = _wait_for_mark(rt, skill_id, job_id) if job_id else None
-    if written_ahead is not None:
-        # A job ahead read this skill after this job was queued, so after the edit it stands
-        # for, and wrote its vector: the job is done (a newer edit has a job of its own).
-        return Embedded(Outcome.EMBEDDED, written_ahead)
     most = rt.settings.embed_max_deliveries
-    deaths = rt.crashes.deaths(APP_JOBS, [skill_id]).get(skill_id, 0)
+    if job_id is None:  # a call outside Celery: nothing to take, nothing to reserve
+        own, deaths = False, rt.crashes.deaths(APP_JOBS, [skill_id]).get(skill_id, 0)
+    else:
+        turn = _start(rt, skill_id, job_id)
+        if isinstance(turn, str):
+            # A job ahead read this skill after this job was queued, so after the edit it
+            # stands for, and wrote its vector: the job is done (a newer edit has its own job).
+            return Embedded(Outcome.EMBEDDED, turn)
+        own, deaths = turn
     if deaths >= most:
         return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
-    own = _reserve_own(rt, skill_id) if job_id else False
-    if job_id and not own:
-        # The lane's turn took the skill between the look and the reservation: its mark comes.
-        written_ahead = _wait_for_mark(rt, skill_id, job_id)
-        if written_ahead is not None:
-            return Embedded(Outcome.EMBEDDED, written_ahead)
     # A process died while embedding it: alone, it cannot take neighbours down again.
     companions = [] if deaths or request.force else waiting_companions(rt, request)
     result = embed_together(rt, request, companions, release_own=own)
@@ -98,11 +107,56 @@ def embed_together(
     """One request for `request`'s skill (if any) and the companions'; marks the companions'
     jobs whose skill was written, then frees their reservations (and `request`'s, if this job
     holds it). `request`'s result."""
-    requests = [*([request] if request else []), *(c.request for c in companions)]
+    together = Together(request, list(companions), release_own)
     try:
-        with rt.crashes.embedding(APP_JOBS, [r.skill_id for r in requests], clear_on_success=True):
-            results = embed_skills(rt, requests)
-        stage_edits(rt, requests, results)  # while a tenant switches models: the new one's too
+        batch = fetch_together(rt, together)
+    except BaseException:
+        together.release(rt.redis)
+        raise
+    return write_together(rt, together, batch)
+
+
+@dataclass(frozen=True, slots=True)
+class Together:
+    """The skills of one request to Ollama: a job's own (if any) and its companions'."""
+
+    request: EmbedRequest | None
+    companions: list[Waiting]
+    release_own: bool = False
+
+    @property
+    def requests(self) -> list[EmbedRequest]:
+        return [*([self.request] if self.request else []), *(c.request for c in self.companions)]
+
+    def release(self, client: redis.Redis) -> None:
+        """Free the reservations held for this request (they expire by themselves otherwise)."""
+        ours = [c.request.skill_id for c in self.companions]
+        if self.request is not None and self.release_own:
+            ours.append(self.request.skill_id)
+        _release(client, ours)
+
+
+def fetch_together(rt: Runtime, together: Together) -> Batch:
+    """Load and decide, then ask Ollama for the vectors; the skills sent are counted while
+    Ollama has them (tasks.crashes), so a process that dies there names them."""
+    requests = together.requests
+    with unscoped(rt.sessions) as session:
+        batch = load_and_decide(rt, session, requests)
+    sent = [item.request.skill_id for item in batch.pending]
+    with rt.crashes.embedding(APP_JOBS, sent, clear_on_success=True):
+        fetch_vectors(rt, batch, urgent=True)
+    return batch
+
+
+def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | None:
+    """Write the fetched vectors, mark the companions' jobs whose skill was written, free the
+    reservations; the job's own result (None for the lane's own turn)."""
+    request, companions = together.request, together.companions
+    try:
+        with unscoped(rt.sessions) as session:
+            results = write_vectors(rt, session, batch)
+        # While a tenant switches models: the new model's vector too.
+        stage_edits(rt, together.requests, results)
         theirs = results[1:] if request else results
         written = [
             (c, result.name)
@@ -112,35 +166,54 @@ def embed_together(
         # Marks before the reservations go: a job waiting on its skill sees one or the other.
         _mark(rt.redis, {job: name for c, name in written for job in c.jobs})
     finally:
-        ours = [c.request.skill_id for c in companions]
-        _release(rt.redis, [*ours, *([request.skill_id] if request and release_own else [])])
+        together.release(rt.redis)
     if companions:
         leader = request.skill_id if request else "the lane's own turn"
         logger.info("Embedded %d waiting app jobs' skills with %s", len(written), leader)
     return results[0] if request else None
 
 
-def _wait_for_mark(rt: Runtime, skill_id: str, job_id: str) -> str | None:
-    """The job's mark; while its skill is reserved (in a request ahead), wait for it, up to a
-    slot's lease (a holder that died leaves the job to embed its skill itself)."""
+# A job's first look, in one round trip: its mark (a job ahead embedded its skill), else its
+# skill's deaths, else a reservation of its skill (only for a skill it will send).
+_START = """
+local name = redis.call('GETDEL', KEYS[1])
+if name then return {'marked', name} end
+local deaths = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if deaths >= tonumber(ARGV[2]) then return {'dead', deaths} end
+if redis.call('SET', KEYS[2], 'own', 'NX', 'PX', ARGV[3]) then return {'own', deaths} end
+return {'reserved', deaths}
+"""
+
+
+def _start(rt: Runtime, skill_id: str, job_id: str) -> str | tuple[bool, int]:
+    """The skill's name if a job ahead embedded it for this job; else whether this job holds
+    its skill's reservation, and the skill's deaths. While the skill is reserved by a request
+    ahead, wait for its mark, up to a slot's lease (a holder that died leaves the job to embed
+    its skill itself)."""
+    script = rt.redis.register_script(_START)
+    keys = [EMBEDDED + job_id, RESERVED + skill_id, rt.crashes.key(APP_JOBS)]
+    args: list[str | int] = [
+        skill_id,
+        rt.settings.embed_max_deliveries,
+        int(rt.claim_seconds * 1000),
+    ]
     deadline = time.monotonic() + rt.slot_lease_seconds
     while True:
-        name = _take_mark(rt.redis, job_id)
-        if name is not None:
-            return name
-        try:
-            reserved = bool(rt.redis.exists(RESERVED + skill_id))
-        except redis.RedisError:
-            return None
-        if not reserved or time.monotonic() > deadline:
-            return _take_mark(rt.redis, job_id)  # written just before the reservation went
+        kind, value = script(keys=keys, args=args)
+        if kind == b"marked":
+            return bytes(value).decode()
+        if kind != b"reserved":
+            return kind == b"own", int(value)
+        if time.monotonic() > deadline:
+            return False, int(value)
         time.sleep(WAIT_SECONDS)
 
 
 class LaneAhead:
     """This process's turn ahead of the app's jobs: after a job served a batch of a burst,
     a thread embeds the next ones waiting (reserved, marked) while the served jobs confirm,
-    so the model's time overlaps theirs, as a backfill's batches overlap its jobs."""
+    so the model's time overlaps theirs, as a backfill's batches overlap its jobs: while one
+    batch is with Ollama, the one before it is written."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -157,11 +230,24 @@ class LaneAhead:
 
     def _drain(self) -> None:
         try:
-            while not self._stopping.is_set():
-                companions = waiting_companions(self.rt, None)
-                if not companions:
-                    return
-                embed_together(self.rt, None, companions)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="app-lane-write") as writer:
+                writing: Future[Result | None] | None = None
+                try:
+                    while not self._stopping.is_set():
+                        together = Together(None, waiting_companions(self.rt, None))
+                        if not together.companions:
+                            return
+                        try:
+                            batch = fetch_together(self.rt, together)
+                        except BaseException:
+                            together.release(self.rt.redis)
+                            raise
+                        if writing is not None:
+                            writing.result()  # one batch written at a time, in order
+                        writing = writer.submit(write_together, self.rt, together, batch)
+                finally:
+                    if writing is not None:
+                        writing.result()
         except Exception as exc:
             # The jobs embed their own skills: nothing waits on this turn but a faster drain.
             logger.warning("The app lane's turn stopped: %s", describe(database_error(exc) or exc))
@@ -193,35 +279,11 @@ def stop() -> None:
         _ahead.stop()
 
 
-def _reserve_own(rt: Runtime, skill_id: str) -> bool:
-    """Reserve the job's own skill, so that no turn ahead sends it too; False if one has it."""
-    try:
-        return bool(
-            rt.redis.set(RESERVED + skill_id, "own", nx=True, px=int(rt.claim_seconds * 1000))
-        )
-    except redis.RedisError:
-        return True  # without Redis, the job embeds its skill itself
-
-
 def _release(client: redis.Redis, skill_ids: Sequence[str]) -> None:
     if not skill_ids:
         return
     with contextlib.suppress(redis.RedisError):  # else they expire by themselves
         client.delete(*(RESERVED + skill_id for skill_id in skill_ids))
-
-
-def _take_mark(client: redis.Redis, job_id: str) -> str | None:
-    """The skill's name if a job ahead embedded it for this job (the mark is used up).
-
-    Marks are per job, not per skill: a later job for the same skill (a later edit) never
-    takes a mark meant for an earlier one."""
-    try:
-        name = client.getdel(EMBEDDED + job_id)
-    except redis.RedisError:
-        return None  # the job embeds its skill itself, or finds it current
-    if name is None:
-        return None
-    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def _mark(client: redis.Redis, written: dict[str, str]) -> None:
@@ -251,12 +313,10 @@ def waiting_companions(rt: Runtime, request: EmbedRequest | None) -> list[Waitin
     seen = {request.skill_id} if request else set()
     try:
         for number in range(PEEK_PAGES):
-            candidates = peek(rt.redis, page, start=number * page, exclude=seen)
+            candidates, deepest = peek(rt.redis, page, start=number * page, exclude=seen)
             seen.update(c.request.skill_id for c in candidates)
-            deaths = rt.crashes.deaths(APP_JOBS, [c.request.skill_id for c in candidates])
-            candidates = [c for c in candidates if not deaths.get(c.request.skill_id)]
-            mine += reserve(rt.redis, candidates, wanted - len(mine), seconds=rt.claim_seconds)
-            if len(mine) >= wanted or (not candidates and not _more(rt.redis, (number + 1) * page)):
+            mine += reserve(rt, candidates, wanted - len(mine))
+            if len(mine) >= wanted or deepest <= (number + 1) * page:
                 break
     except redis.RedisError as exc:
         # Companions are an optimisation: without Redis, the job embeds its own skill.
@@ -264,28 +324,25 @@ def waiting_companions(rt: Runtime, request: EmbedRequest | None) -> list[Waitin
     return mine
 
 
-def _more(client: redis.Redis, depth: int) -> bool:
-    """Whether a lane holds messages further back than `depth`."""
-    pipe = client.pipeline(transaction=False)
-    for lane in LANES:
-        pipe.llen(lane)
-    return any(int(length) > depth for length in pipe.execute())
-
-
-def peek(client: redis.Redis, limit: int, *, start: int = 0, exclude: set[str]) -> list[Waiting]:
+def peek(
+    client: redis.Redis, limit: int, *, start: int = 0, exclude: set[str]
+) -> tuple[list[Waiting], int]:
     """Distinct skills of embed_skill messages waiting outside any run, from the `start`-th
-    oldest message of each lane, `limit` messages a lane."""
+    oldest message of each lane, `limit` messages a lane; and the longest lane's length."""
     pipe = client.pipeline(transaction=False)
     for lane in LANES:
         # kombu pushes on the left and the worker pops on the right: the oldest are last.
         pipe.lrange(lane, -(start + limit), -(start + 1))
+    for lane in LANES:
+        pipe.llen(lane)
+    answers = pipe.execute()
     found: dict[str, Waiting] = {}
-    for messages in pipe.execute():
+    for messages in answers[: len(LANES)]:
         for raw in reversed(messages):
             job = app_job(raw)
             if job is not None and job[1].skill_id not in exclude:
                 found.setdefault(job[1].skill_id, Waiting(job[1], [])).jobs.append(job[0])
-    return list(found.values())
+    return list(found.values()), max(int(n) for n in answers[len(LANES) :])
 
 
 def app_job(raw: bytes) -> tuple[str, EmbedRequest] | None:
@@ -313,21 +370,35 @@ def app_job(raw: bytes) -> tuple[str, EmbedRequest] | None:
     return str(job_id), EmbedRequest(skill_id, tenant_id if isinstance(tenant_id, str) else None)
 
 
-def reserve(
-    client: redis.Redis, candidates: Sequence[Waiting], most: int, *, seconds: float
-) -> list[Waiting]:
-    """The first `most` candidates no other job has reserved, now reserved for `seconds`.
+# Reserve the first ARGV[3] skills (KEYS[2..], ids in ARGV[4..]) that no request holds and
+# that never took a process down (KEYS[1], the deaths): those go alone, with their own job.
+_RESERVE = """
+local taken, left = {}, tonumber(ARGV[3])
+for i = 2, #KEYS do
+  local ok = 0
+  if left > 0 and tonumber(redis.call('HGET', KEYS[1], ARGV[i + 2]) or '0') == 0
+     and redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    ok, left = 1, left - 1
+  end
+  taken[#taken + 1] = ok
+end
+return taken
+"""
+
+
+def reserve(rt: Runtime, candidates: Sequence[Waiting], most: int) -> list[Waiting]:
+    """The first `most` candidates no other request holds and no process died on, now
+    reserved for a batch's longest hold.
 
     A reservation only keeps other jobs from taking the skill as a companion: its own job
     always embeds it if it is not current, so a job that dies holding one loses nothing.
     """
-    token = uuid.uuid4().hex
-    pipe = client.pipeline(transaction=False)
-    for candidate in candidates:
-        pipe.set(RESERVED + candidate.request.skill_id, token, nx=True, px=int(seconds * 1000))
-    taken = pipe.execute()
-    mine = [c for c, ok in zip(candidates, taken, strict=True) if ok]
-    extra = mine[most:]
-    if extra:
-        client.delete(*(RESERVED + c.request.skill_id for c in extra))
-    return mine[:most]
+    if not candidates or most < 1:
+        return []
+    ids = [c.request.skill_id for c in candidates]
+    script = rt.redis.register_script(_RESERVE)
+    taken = script(
+        keys=[rt.crashes.key(APP_JOBS), *(RESERVED + skill_id for skill_id in ids)],
+        args=[uuid.uuid4().hex, int(rt.claim_seconds * 1000), most, *ids],
+    )
+    return [c for c, ok in zip(candidates, taken, strict=True) if ok]

@@ -29,19 +29,20 @@ class CrashCounts:
         self._prefix = prefix
         self._quiet_until = 0.0
 
-    def _key(self, run_id: str | None) -> str:
+    def key(self, run_id: str | None) -> str:
+        """The hash of the run's counts (for a script that reads them with other keys)."""
         return f"{self._prefix}:{run_id or APP_JOBS}"
 
     def deaths(self, run_id: str | None, skill_ids: Sequence[str]) -> dict[str, int]:
         if not skill_ids:
             return {}
-        counts = self._redis.hmget(self._key(run_id), list(skill_ids))
+        counts = self._redis.hmget(self.key(run_id), list(skill_ids))
         return {s: int(c) for s, c in zip(skill_ids, counts, strict=True) if c is not None}
 
     def begin(self, run_id: str | None, skill_ids: Sequence[str]) -> None:
         if not skill_ids:
             return
-        key = self._key(run_id)
+        key = self.key(run_id)
         pipe = self._redis.pipeline(transaction=False)
         for skill_id in skill_ids:
             pipe.hincrby(key, skill_id, 1)
@@ -53,7 +54,7 @@ class CrashCounts:
         goes back to the deaths alone."""
         if not skill_ids:
             return
-        key = self._key(run_id)
+        key = self.key(run_id)
         if done:
             self._redis.hdel(key, *skill_ids)
             return

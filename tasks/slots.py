@@ -70,6 +70,8 @@ class OllamaSlots:
 
     def _acquire(self, url: str, *, urgent: bool) -> Lock:
         waiting = f"{self._prefix}:{url}:urgent"
+        if urgent and (lock := self._free_slot(url)) is not None:
+            return lock  # no wait, so no need to make batches step aside
         me = uuid.uuid4().hex
         deadline = time.monotonic() + self.wait_seconds
         try:
@@ -81,10 +83,9 @@ class OllamaSlots:
                     pipe.zremrangebyscore(waiting, "-inf", now)
                     pipe.zadd(waiting, {me: now + self.lease_seconds})
                     pipe.execute()
-                if urgent or not self._redis.zcount(waiting, now, "+inf"):
-                    for lock in random.sample(self._locks(url), self.limit):
-                        if lock.acquire(blocking=False):
-                            return lock
+                ready = urgent or not self._redis.zcount(waiting, now, "+inf")
+                if ready and (lock := self._free_slot(url)) is not None:
+                    return lock
                 if time.monotonic() > deadline:
                     raise OllamaUnavailable(
                         f"Ollama at {url} stayed busy for {self.wait_seconds:.0f} s"
@@ -94,3 +95,9 @@ class OllamaSlots:
         finally:
             if urgent:
                 self._redis.zrem(waiting, me)
+
+    def _free_slot(self, url: str) -> Lock | None:
+        for lock in random.sample(self._locks(url), self.limit):
+            if lock.acquire(blocking=False):
+                return lock
+        return None
