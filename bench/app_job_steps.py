@@ -17,6 +17,7 @@ import os
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_catalog(engine, 0, fake.url)
         os.environ.update(DATABASE_URL=pg.url(), REDIS_URL=redis.url, OLLAMA_URL=fake.url)
         from db import services
-        from tasks import app_lane, embedding, runtime
+        from tasks import app_lane, runtime
         from tasks.embedding import EmbedRequest
         from tasks.ollama import OllamaClient
         from tasks.slots import OllamaSlots
@@ -74,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         rt = runtime.install(Settings.load())
         timings: Timings = {}
         steps = (
+            (app_lane, "_start", "first look (mark, deaths, reservation)"),
             (app_lane, "waiting_companions", "companions (peek the queues)"),
-            (embedding, "load_and_decide", "load and decide"),
+            (app_lane, "load_and_decide", "load and decide"),
             (OllamaSlots, "_acquire", "the Ollama slot"),
-            (OllamaClient, "_post", "the request to Ollama"),
-            (embedding, "write_vectors", "the write, committed"),
+            (OllamaClient, "_post", "the request to Ollama (slot included)"),
+            (app_lane, "write_vectors", "the write, committed"),
             (services, "upsert_skill_embeddings", "  of which the upsert"),
             (app_lane, "stage_edits", "staging (a switch under way?)"),
         )
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         total = []
         for skill_id in skills:
             started = time.perf_counter()
-            app_lane.embed_app_job(rt, EmbedRequest(skill_id, TENANT))
+            # A job id, as Celery gives one: the job looks for its mark and reserves its skill.
+            app_lane.embed_app_job(rt, EmbedRequest(skill_id, TENANT), str(uuid.uuid4()))
             total.append(time.perf_counter() - started)
         engine.dispose()
     finally:

@@ -1,14 +1,18 @@
-"""A bare Celery app with the worker's own options and one no-op task: the floor a job costs.
+"""A bare Celery app with the worker's own options and two tasks that do nothing: the floor a
+job costs.
 
-`celery -A bench.bare_app worker` consumes `bare.noop` with concurrency 1, late acks, prefetch 1
-and task events on, as `celery -A worker worker` does; bench.from_command measures its CPU per
-job beside the embedder's CPU per skill.
+`celery -A bench.bare_app worker` consumes `bare.noop` and `bare.ping` with concurrency 1, late
+acks, prefetch 1 and task events on, as `celery -A worker worker` does; bench.from_command
+measures its CPU per job beside the embedder's CPU per skill, bench.app_lane the time from a
+publish to a job's body beside the time from a publish to its row.
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 
+import redis
 from celery import Celery
 
 app = Celery("bare", broker=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
@@ -29,3 +33,14 @@ app.conf.update(
 @app.task(name="bare.noop", ignore_result=True, acks_late=True)
 def noop(skill_id: str, tenant_id: str, run_id: str) -> str:
     return "unchanged"
+
+
+@cache
+def _broker() -> redis.Redis:
+    return redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+
+
+@app.task(name="bare.ping", ignore_result=True, acks_late=True)
+def ping(reply_to: str) -> None:
+    """Answer on a Redis list at once: the publisher times a job from its send to its body."""
+    _broker().lpush(reply_to, "1")

@@ -394,7 +394,19 @@ class FakeOllama:
                 )
             # The knobs are the time the slot is held, computing the vectors included.
             cost = self.request_latency + self.input_latency * len(texts)
-            if halt.wait(max(0.0, cost - (time.monotonic_ns() - began) / 1e9)):
+            done = began + int(cost * 1e9)
+            # Assembled as text (the vectors are JSON already, see wire.vector_json), and
+            # before the wait: the answer leaves when the model's time is up.
+            fields = json.dumps(
+                {
+                    "model": request.model,
+                    "total_duration": max(done, time.monotonic_ns()) - arrived,
+                    "load_duration": loaded - arrived,  # as in Ollama: the wait for the slot
+                    "prompt_eval_count": sum(wire.count_tokens(text) for text in texts),
+                }
+            )
+            body = f'{{"embeddings": {embeddings}, {fields[1:]}'.encode()
+            if halt.wait(max(0.0, (done - time.monotonic_ns()) / 1e9)):
                 return None
         finally:
             self._slot.release()
@@ -402,16 +414,7 @@ class FakeOllama:
             self._inputs += len(texts)
             self._texts.extend(request.inputs)
             self._batch_sizes.append(len(texts))
-        # Assembled as text: the vectors are JSON already (see wire.vector_json).
-        fields = json.dumps(
-            {
-                "model": request.model,
-                "total_duration": time.monotonic_ns() - arrived,
-                "load_duration": loaded - arrived,  # as in Ollama, includes the wait for the slot
-                "prompt_eval_count": sum(wire.count_tokens(text) for text in texts),
-            }
-        )
-        return 200, f'{{"embeddings": {embeddings}, {fields[1:]}'.encode()
+        return 200, body
 
     def _take_slot(self) -> bool:
         """Take the model's slot, queueing unless `max_pending` requests already wait for it."""
@@ -517,7 +520,10 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so an httpx client reuses its connection
-    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed ACK
+    disable_nagle_algorithm = True  # no 40 ms delayed ACK on a write that follows another
+    # Buffered: the status line, headers and a small body leave in one write at the end of
+    # the request, so the client wakes once for its answer.
+    wbufsize = 1 << 16
     server: _Server
 
     def setup(self) -> None:
