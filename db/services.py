@@ -56,7 +56,7 @@ def lock_skills(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> N
     Advisory locks, not SELECT ... FOR UPDATE: the worker's role may lack UPDATE on `skills`.
     Taken in sorted order in one statement, so two writers never wait on each other in a cycle.
     """
-    keys = sorted(f"{tenant_id}/{skill_id}" for skill_id in set(skill_ids))
+    keys = skill_lock_keys(tenant_id, skill_ids)
     session.execute(
         text(
             "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0)))"
@@ -64,6 +64,11 @@ def lock_skills(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> N
         ),
         {"keys": keys},
     )
+
+
+def skill_lock_keys(tenant_id: str, skill_ids: Sequence[str]) -> list[str]:
+    """The advisory lock keys of these skills' embeddings, sorted (see lock_skills)."""
+    return sorted(f"{tenant_id}/{skill_id}" for skill_id in set(skill_ids))
 
 
 def get_site_settings(session: Session, tenant_id: str) -> SiteSettings | None:
