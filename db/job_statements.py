@@ -89,11 +89,11 @@ class Locked:
     switch: Switch | None  # as this statement's snapshot shows it, before any lock wait
 
 
-# The advisory locks first (db.services.lock_skills says why advisory), then the settings row
-# FOR SHARE, as the scalar subquery of the projection above the locked relation. In this order
-# a writer never holds the settings row while it waits for a skill: a staged write (skill
-# lock, then the switch FOR SHARE) and a swap (the switch, then the settings FOR UPDATE) can
-# then never wait on it in a cycle.
+# The skills' advisory locks (db.services.lock_skills says why advisory) first, in FROM; the
+# settings row FOR SHARE after, in the select list, evaluated once FROM has its row (a test
+# holds the order). So a writer never holds the settings row while it waits for a skill's
+# lock, which a staged write may hold while it waits for the switch row a swap holds, the swap
+# waiting for the settings row: a cycle PostgreSQL would break by failing one of them.
 LOCK_SQL = text(
     """
     SELECT locked.n,

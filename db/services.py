@@ -75,16 +75,6 @@ def get_site_settings(session: Session, tenant_id: str) -> SiteSettings | None:
     return session.scalars(select(SiteSettings).where(SiteSettings.tenant_id == tenant_id)).first()
 
 
-def lock_tenant_model(session: Session, tenant_id: str) -> str | None:
-    """The tenant's `ollama_model`, its row held FOR SHARE until the transaction ends: a model
-    switch's swap (db.staging) updates it first, so a writer waits for the swap or precedes it."""
-    value = session.execute(
-        text("SELECT ollama_model FROM site_settings WHERE tenant_id = :t FOR SHARE"),
-        {"t": tenant_id},
-    ).scalar_one_or_none()
-    return None if value is None else str(value)
-
-
 def update_site_settings(session: Session, tenant_id: str, **values: Any) -> SiteSettings:
     """Insert the tenant's settings row or update the given columns of it."""
     allowed = set(SiteSettings.__table__.columns.keys()) - {"id", "tenant_id"}
