@@ -4,9 +4,9 @@
 does for a job from the app) in this process against a throwaway PostgreSQL, Redis and a fake
 Ollama in its own process (7.5 ms per request + 4.3 ms per input), one skill after another,
 and times each step with a wrapper: looking for companions, load and decide, the Ollama slot,
-the request, the write (the upsert inside it), and staging for a model switch. What the
-worker adds around it (delivery, events, the pool's pipe) is the end-to-end figure of
-bench.app_lane minus this total.
+the request, the write (its re-read, upsert and failures cleared inside it), and staging for a
+model switch. What the worker adds around it (delivery, events, the pool's pipe) is the
+end-to-end figure of bench.app_lane minus this total.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         migrate.upgrade(engine)
         seed_catalog(engine, 0, fake.url)
         os.environ.update(DATABASE_URL=pg.url(), REDIS_URL=redis.url, OLLAMA_URL=fake.url)
-        from db import services
+        from db import job_statements
         from tasks import app_lane, runtime
         from tasks.embedding import EmbedRequest
         from tasks.ollama import OllamaClient
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             (OllamaSlots, "_acquire", "the Ollama slot"),
             (OllamaClient, "_post", "the request to Ollama (slot included)"),
             (app_lane, "write_vectors", "the write, committed"),
-            (services, "upsert_skill_embeddings", "  of which the upsert"),
+            (job_statements, "write_current", "  of which the re-read, upsert, clear"),
             (app_lane, "stage_edits", "staging (a switch under way?)"),
         )
         for owner, name, label in steps:

@@ -2,7 +2,8 @@
 
 A run's failures stay with the run (`embedding_run_items`: outcome, detail, finished_at, and
 the attempts made). A job outside any run has no such record, so `embedding_failures` keeps
-one row per skill whose last job failed, until the skill is embedded.
+one row per skill whose last job failed, until the skill is embedded (the write that embeds
+it deletes the row: db.job_statements).
 """
 
 from __future__ import annotations
@@ -50,15 +51,6 @@ def record_run_attempts(session: Session, run_id: str, skill_id: str, attempts: 
         ),
         {"run": run_id, "skill": skill_id, "attempts": attempts},
     ).scalar_one_or_none()
-
-
-def clear_failures(session: Session, skill_ids: Sequence[str]) -> None:
-    """The skills are embedded now: they are failures no more."""
-    if skill_ids:
-        session.execute(
-            text("DELETE FROM embedding_failures WHERE skill_id = ANY(CAST(:ids AS text[]))"),
-            {"ids": list(skill_ids)},
-        )
 
 
 def run_failures(session: Session, run_id: str) -> list[Failure]:

@@ -56,7 +56,7 @@ def lock_skills(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> N
     Advisory locks, not SELECT ... FOR UPDATE: the worker's role may lack UPDATE on `skills`.
     Taken in sorted order in one statement, so two writers never wait on each other in a cycle.
     """
-    keys = sorted(f"{tenant_id}/{skill_id}" for skill_id in set(skill_ids))
+    keys = skill_lock_keys(tenant_id, skill_ids)
     session.execute(
         text(
             "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0)))"
@@ -66,18 +66,13 @@ def lock_skills(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> N
     )
 
 
+def skill_lock_keys(tenant_id: str, skill_ids: Sequence[str]) -> list[str]:
+    """The advisory lock keys of these skills' embeddings, sorted (see lock_skills)."""
+    return sorted(f"{tenant_id}/{skill_id}" for skill_id in set(skill_ids))
+
+
 def get_site_settings(session: Session, tenant_id: str) -> SiteSettings | None:
     return session.scalars(select(SiteSettings).where(SiteSettings.tenant_id == tenant_id)).first()
-
-
-def lock_tenant_model(session: Session, tenant_id: str) -> str | None:
-    """The tenant's `ollama_model`, its row held FOR SHARE until the transaction ends: a model
-    switch's swap (db.staging) updates it first, so a writer waits for the swap or precedes it."""
-    value = session.execute(
-        text("SELECT ollama_model FROM site_settings WHERE tenant_id = :t FOR SHARE"),
-        {"t": tenant_id},
-    ).scalar_one_or_none()
-    return None if value is None else str(value)
 
 
 def update_site_settings(session: Session, tenant_id: str, **values: Any) -> SiteSettings:

@@ -156,7 +156,7 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
         with unscoped(rt.sessions) as session:
             results = write_vectors(rt, session, batch)
         # While a tenant switches models: the new model's vector too.
-        stage_edits(rt, together.requests, results)
+        stage_edits(rt, together.requests, results, batch.switches)
         theirs = results[1:] if request else results
         written = [
             (c, result.name)

@@ -7,13 +7,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import failures, services
-from db.models import PUBLISHED, SkillEmbedding
+from db import job_statements, services
+from db.models import PUBLISHED
 from db.session import scope_to_tenant, tenant_scope, unscoped
+from db.staging import Switch
 from tasks.errors import (
     DimensionMismatch,
     EmbedderError,
@@ -103,10 +104,27 @@ def decide(
     return Decision(None, text=text, name=skill.name)
 
 
+class SettingsRow(Protocol):
+    """The site_settings columns a tenant's configuration comes from."""
+
+    @property
+    def semantic_similarity_enabled(self) -> bool: ...
+    @property
+    def ollama_url(self) -> str | None: ...
+    @property
+    def ollama_model(self) -> str | None: ...
+    @property
+    def embedding_dimensions(self) -> int | None: ...
+
+
 def tenant_config(runtime: Runtime, session: Session, tenant_id: str) -> TenantConfig:
     """The tenant's site_settings over the environment's defaults; off when there is no row."""
+    return config_from(runtime, services.get_site_settings(session, tenant_id))
+
+
+def config_from(runtime: Runtime, row: SettingsRow | None) -> TenantConfig:
+    """The configuration a site_settings row (None: none) gives over the environment's."""
     defaults = runtime.settings
-    row = services.get_site_settings(session, tenant_id)
     if row is None:
         return TenantConfig(False, defaults.ollama_url, defaults.ollama_model, 0)
     url = row.ollama_url if row.ollama_url and row.ollama_url != APP_DEFAULT_OLLAMA_URL else None
@@ -169,11 +187,17 @@ def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Res
 
     Each request gets its own result, so one bad input never fails its neighbours.
     """
+    return embed_batch(runtime, requests).finished()
+
+
+def embed_batch(runtime: Runtime, requests: Sequence[EmbedRequest]) -> Batch:
+    """`embed_skills`, with the batch written: its results, and the tenants seen switching."""
     with unscoped(runtime.sessions) as session:
         batch = load_and_decide(runtime, session, requests)
     fetch_vectors(runtime, batch, urgent=True)
     with unscoped(runtime.sessions) as session:
-        return write_vectors(runtime, session, batch)
+        batch.results = list(write_vectors(runtime, session, batch))
+    return batch
 
 
 @dataclass
@@ -184,6 +208,14 @@ class Batch:
     results: list[Result | None]  # per request; None while it waits for its vector
     pending: list[_Pending]  # those that need a vector
     vectors: list[list[float] | None]  # per pending item
+    # The tenants with a model switch under way (a staging run), as the load saw them and the
+    # write under its locks; None: not known.
+    switches: dict[str, Switch] | None = None
+
+    def finished(self) -> list[Result]:
+        """Every request's result, once the batch is written."""
+        assert all(result is not None for result in self.results)
+        return [result for result in self.results if result is not None]
 
     def name_of(self, skill_id: str) -> str:
         for item in self.pending:
@@ -218,12 +250,13 @@ def load_and_decide(runtime: Runtime, session: Session, requests: Sequence[Embed
             continue
         by_tenant[tenant].append(index)
     pending: list[_Pending] = []
+    switches: dict[str, Switch] = {}
     for tenant, indexes in by_tenant.items():
         scope_to_tenant(session, tenant)
         pending += _decide_tenant(
-            runtime, session, tenant, [(i, requests[i]) for i in indexes], results
+            runtime, session, tenant, [(i, requests[i]) for i in indexes], results, switches
         )
-    return Batch(list(requests), results, pending, [None] * len(pending))
+    return Batch(list(requests), results, pending, [None] * len(pending), switches)
 
 
 def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
@@ -252,30 +285,51 @@ def vectors_by_tenant(batch: Batch) -> dict[str, list[tuple[_Pending, list[float
 
 
 def write_vectors(runtime: Runtime, session: Session, batch: Batch) -> list[Result]:
-    """Upsert the fetched vectors in `session`, one statement per tenant; every result."""
+    """Upsert the fetched vectors in `session`, per tenant a statement that locks and one that
+    writes; every result. Notes in `batch.switches` the tenants switching under the locks."""
     results = list(batch.results)
     for tenant, vectors in vectors_by_tenant(batch).items():
         scope_to_tenant(session, tenant)
-        vectors = _same_model(runtime, session, tenant, vectors, results)
+        locked = job_statements.lock_for_write(
+            session, tenant, [item.request.skill_id for item, _ in vectors]
+        )
+        if batch.switches is not None:
+            live = locked.model or runtime.settings.ollama_model
+            _note_switch(batch.switches, tenant, locked.switch, live)
+        vectors = _same_model(runtime, tenant, locked.model, vectors, results)
         for item, outcome in _write(session, tenant, vectors):
             results[item.index] = Embedded(outcome, item.name)
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
 
 
+def _note_switch(
+    switches: dict[str, Switch], tenant: str, switch: Switch | None, model: str
+) -> None:
+    """Record whether the tenant's switch is under way, its live model being `model`.
+
+    A switch to the live model has swapped already: a statement that waited for the settings
+    row locks the swapped row, yet its older snapshot still shows the switch.
+    """
+    if switch is not None and switch.run_id is not None and switch.model != model:
+        switches[tenant] = switch
+    else:
+        switches.pop(tenant, None)
+
+
 def _same_model(
     runtime: Runtime,
-    session: Session,
     tenant: str,
+    live: str | None,
     vectors: list[tuple[_Pending, list[float]]],
     results: list[Result | None],
 ) -> list[tuple[_Pending, list[float]]]:
-    """The vectors of the tenant's current model; the others are embedded again.
+    """The vectors of the tenant's current model (`live`, read under the lock); the others are
+    embedded again.
 
     A model switch may have swapped the tenant's rows since these were asked for: a vector of
     the old model must never land among the new ones.
     """
-    live = services.lock_tenant_model(session, tenant)
     if live is None:
         return vectors
     model = live or runtime.settings.ollama_model
@@ -297,22 +351,15 @@ def _decide_tenant(
     tenant: str,
     indexed: list[tuple[int, EmbedRequest]],
     results: list[Result | None],
+    switches: dict[str, Switch],
 ) -> list[_Pending]:
     pending: list[_Pending] = []
-    config = tenant_config(runtime, session, tenant)
     ids = [request.skill_id for _, request in indexed]
-    skills = {s.id: s for s in services.get_skills(session, ids)}
-    stored = {
-        row.skill_id: StoredEmbedding(row.input_hash, row.model_name, row.dimensions)
-        for row in session.execute(
-            select(
-                SkillEmbedding.skill_id,
-                SkillEmbedding.input_hash,
-                SkillEmbedding.model_name,
-                SkillEmbedding.dimensions,
-            ).where(SkillEmbedding.skill_id.in_(ids), SkillEmbedding.tenant_id == tenant)
-        )
-    }
+    rows = job_statements.load_tenant(session, tenant, ids)
+    config = config_from(runtime, rows.settings)
+    _note_switch(switches, tenant, rows.switch, config.model)
+    skills = rows.skills
+    stored = {skill_id: StoredEmbedding(*row) for skill_id, row in rows.stored.items()}
     column = runtime.column_dimensions
     for index, request in indexed:
         skill = skills.get(request.skill_id)
@@ -373,38 +420,30 @@ def _embed_splitting(
 def _write(
     session: Session, tenant: str, items: list[tuple[_Pending, list[float]]]
 ) -> list[tuple[_Pending, Outcome]]:
-    """Upsert the vectors whose skill still has the text we embedded; the rest are superseded."""
-    outcomes: list[tuple[_Pending, Outcome]] = []
-    ids = sorted({item.request.skill_id for item, _ in items})
-    services.lock_skills(session, tenant, ids)
-    # Re-read under the locks: an edit that landed while Ollama worked wins over this vector.
-    current = {s.id: s for s in services.get_skills(session, ids)}
-    rows = []
-    for item, vector in items:
-        skill = current.get(item.request.skill_id)
-        if (
-            skill is None
-            or skill.status != PUBLISHED
-            or skill_text(skill.name, skill.description) != item.text
-        ):
-            outcomes.append((item, Outcome.SUPERSEDED))
-            continue
-        rows.append(
-            {
-                "tenant_id": tenant,
-                "skill_id": skill.id,
-                "embedding": vector,
-                "model_name": item.config.model,
-                "dimensions": item.config.dimensions,
-                "input_hash": input_hash(item.text),
-            }
+    """Upsert the vectors whose skill still has the text we embedded; the rest are superseded.
+
+    The skills are locked (lock_for_write) already; the statement that re-reads them starts
+    after, so an edit that landed while Ollama worked wins over this vector.
+    """
+    rows = [
+        job_statements.VectorRow(
+            item.request.skill_id,
+            item.text,
+            vector,
+            item.config.model,
+            item.config.dimensions,
+            input_hash(item.text),
         )
-        outcomes.append((item, Outcome.EMBEDDED))
-    services.upsert_skill_embeddings(session, _dedupe(rows))
-    failures.clear_failures(session, [str(row["skill_id"]) for row in rows])
+        for item, vector in items
+    ]
+    written = job_statements.write_current(session, tenant, _dedupe(rows))
+    outcomes = []
+    for (item, _), row in zip(items, rows, strict=True):
+        current = (row.skill_id, row.input_hash) in written
+        outcomes.append((item, Outcome.EMBEDDED if current else Outcome.SUPERSEDED))
     return outcomes
 
 
-def _dedupe(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    # One statement cannot upsert the same key twice; a batch may hold two jobs for one skill.
-    return list({row["skill_id"]: row for row in rows}.values())
+def _dedupe(rows: list[job_statements.VectorRow]) -> list[job_statements.VectorRow]:
+    # A batch may hold two jobs for one skill: one row per skill and text (the last wins).
+    return list({(row.skill_id, row.text): row for row in rows}.values())

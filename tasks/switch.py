@@ -13,7 +13,7 @@ starts when the previous one has swapped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,12 +196,23 @@ def cancel_switch(rt: Runtime, tenant: str) -> staging.Switch | None:
     return switch
 
 
-def stage_edits(rt: Runtime, requests: Sequence[EmbedRequest], results: Sequence[Result]) -> None:
+def stage_edits(
+    rt: Runtime,
+    requests: Sequence[EmbedRequest],
+    results: Sequence[Result],
+    switches: Mapping[str, staging.Switch] | None = None,
+) -> None:
     """After an app job wrote a skill's live vector: while its tenant switches, stage the new
     model's vector of the same text too (an unpublished skill loses its staged row), so that
-    nothing is stale at the swap. What fails here is staged by the switch's next pass."""
-    with unscoped(rt.sessions) as session:
-        switches = {s.tenant_id: s for s in staging.list_switches(session) if s.run_id}
+    nothing is stale at the swap. What fails here is staged by the switch's next pass.
+
+    `switches`: the tenants switching as the job's batch saw them (Batch.switches), which
+    spares a transaction; None: read them here.
+    """
+    if switches is None:
+        with unscoped(rt.sessions) as session:
+            switches = {s.tenant_id: s for s in staging.list_switches(session)}
+    switches = {tenant: s for tenant, s in switches.items() if s.run_id}
     if not switches:
         return
     done = (Outcome.EMBEDDED, Outcome.UNCHANGED, Outcome.REMOVED, Outcome.SUPERSEDED)
