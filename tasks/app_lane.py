@@ -78,17 +78,19 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
     most = rt.settings.embed_max_deliveries
     if job_id is None:  # a call outside Celery: nothing to take, nothing to reserve
         own, deaths = False, rt.crashes.deaths(APP_JOBS, [skill_id]).get(skill_id, 0)
+        waiting = True
     else:
         turn = _start(rt, skill_id, job_id)
         if isinstance(turn, str):
             # A job ahead read this skill after this job was queued, so after the edit it
             # stands for, and wrote its vector: the job is done (a newer edit has its own job).
             return Embedded(Outcome.EMBEDDED, turn)
-        own, deaths = turn
+        own, deaths, waiting = turn
     if deaths >= most:
         return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
     # A process died while embedding it: alone, it cannot take neighbours down again.
-    companions = [] if deaths or request.force else waiting_companions(rt, request)
+    alone = deaths or request.force or not waiting
+    companions = [] if alone else waiting_companions(rt, request)
     result = embed_together(rt, request, companions, release_own=own)
     if companions:
         # More of the burst is likely waiting: embed it while the jobs just served confirm.
@@ -174,24 +176,29 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
 
 
 # A job's first look, in one round trip: its mark (a job ahead embedded its skill), else its
-# skill's deaths, else a reservation of its skill (only for a skill it will send).
+# skill's deaths, else a reservation of its skill (only for a skill it will send); and
+# whether any app job waits in the lanes (KEYS[4..]): a lone publish need not peek at them.
 _START = """
 local name = redis.call('GETDEL', KEYS[1])
-if name then return {'marked', name} end
+if name then return {'marked', name, 0} end
+local waiting = 0
+for i = 4, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[i]) end
 local deaths = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
-if deaths >= tonumber(ARGV[2]) then return {'dead', deaths} end
-if redis.call('SET', KEYS[2], 'own', 'NX', 'PX', ARGV[3]) then return {'own', deaths} end
-return {'reserved', deaths}
+if deaths >= tonumber(ARGV[2]) then return {'dead', deaths, waiting} end
+if redis.call('SET', KEYS[2], 'own', 'NX', 'PX', ARGV[3]) then
+  return {'own', deaths, waiting}
+end
+return {'reserved', deaths, waiting}
 """
 
 
-def _start(rt: Runtime, skill_id: str, job_id: str) -> str | tuple[bool, int]:
+def _start(rt: Runtime, skill_id: str, job_id: str) -> str | tuple[bool, int, bool]:
     """The skill's name if a job ahead embedded it for this job; else whether this job holds
-    its skill's reservation, and the skill's deaths. While the skill is reserved by a request
-    ahead, wait for its mark, up to a slot's lease (a holder that died leaves the job to embed
-    its skill itself)."""
+    its skill's reservation, the skill's deaths, and whether other app jobs wait. While the
+    skill is reserved by a request ahead, wait for its mark, up to a slot's lease (a holder
+    that died leaves the job to embed its skill itself)."""
     script = rt.redis.register_script(_START)
-    keys = [EMBEDDED + job_id, RESERVED + skill_id, rt.crashes.key(APP_JOBS)]
+    keys = [EMBEDDED + job_id, RESERVED + skill_id, rt.crashes.key(APP_JOBS), *LANES]
     args: list[str | int] = [
         skill_id,
         rt.settings.embed_max_deliveries,
@@ -199,13 +206,13 @@ def _start(rt: Runtime, skill_id: str, job_id: str) -> str | tuple[bool, int]:
     ]
     deadline = time.monotonic() + rt.slot_lease_seconds
     while True:
-        kind, value = script(keys=keys, args=args)
+        kind, value, waiting = script(keys=keys, args=args)
         if kind == b"marked":
             return bytes(value).decode()
         if kind != b"reserved":
-            return kind == b"own", int(value)
+            return kind == b"own", int(value), bool(waiting)
         if time.monotonic() > deadline:
-            return False, int(value)
+            return False, int(value), bool(waiting)
         time.sleep(WAIT_SECONDS)
 
 
