@@ -338,6 +338,8 @@ class FakeOllama:
         gate = self._gate_for(body)
         if gate is not None:
             gate.pass_through()
+        # The model's time starts at the request's arrival, or once a gate or a hang let it go.
+        since = time.monotonic_ns() if gate is not None else getattr(_arrival, "ns", 0)
         try:
             if fault.kind == "fail":
                 reply = (
@@ -349,7 +351,10 @@ class FakeOllama:
             # A hang waits outside the slot: a client's retry is not stuck behind the request
             # it abandoned.
             elif fault.kind != "drop" and not (fault.kind == "hang" and halt.wait(fault.seconds)):
-                reply = self._embed_in_slot(wire.parse_embed(body), fault.corruption, halt)
+                if fault.kind == "hang":
+                    since = time.monotonic_ns()
+                request = wire.parse_embed(body)
+                reply = self._embed_in_slot(request, fault.corruption, halt, since)
         except wire.Rejected as rejected:
             reply = (rejected.status, {"error": rejected.message})
         finally:
@@ -360,21 +365,22 @@ class FakeOllama:
         return reply
 
     def _embed_in_slot(
-        self, request: wire.EmbedRequest, corruption: str, halt: threading.Event
+        self, request: wire.EmbedRequest, corruption: str, halt: threading.Event, since: int
     ) -> _Reply | None:
         if not self._has(request.model):
             raise wire.Rejected(404, wire.not_pulled(request.model))
         if not self.embedding_capable:
             raise wire.Rejected(501, NO_EMBEDDINGS)
         arrived = time.monotonic_ns()
-        if not self._take_slot():
+        waited = not self._slot.acquire(blocking=False)
+        if waited and not self._take_slot():
             raise wire.Rejected(503, BUSY)
         try:
             loaded = time.monotonic_ns()
-            # The knobs are the client's view of the model: they run from the request's arrival
-            # (reading and parsing it is the server's time, as in Ollama, not time on top), or
-            # from taking the slot when the request waited for it.
-            began = max(loaded, getattr(_arrival, "ns", loaded))
+            # The knobs are the client's view of the model: they run from `since`, the request's
+            # arrival (reading and parsing it is the server's time, as in Ollama, not time on
+            # top), or from taking the slot when the request waited for it.
+            began = loaded if waited else (since or arrived)
             context = min(self.context_length, request.num_ctx or self.context_length)
             if not request.truncate and any(wire.count_tokens(t) > context for t in request.inputs):
                 raise wire.Rejected(400, TOO_LONG)  # one long item fails the whole batch
@@ -406,7 +412,7 @@ class FakeOllama:
                 }
             )
             body = f'{{"embeddings": {embeddings}, {fields[1:]}'.encode()
-            if halt.wait(max(0.0, (done - time.monotonic_ns()) / 1e9)):
+            if not _until(done, halt):
                 return None
         finally:
             self._slot.release()
@@ -505,6 +511,19 @@ for _methods in _ROUTES.values():
 
 # When the request line of the request this thread serves came in.
 _arrival = threading.local()
+# The last stretch of a model's time is waited out awake: a timer wakes a sleeping thread a
+# few hundred microseconds late on an idle machine, and a model answers when it is done.
+_AWAKE_NS = 500_000
+
+
+def _until(deadline_ns: int, halt: threading.Event) -> bool:
+    """Wait until `deadline_ns` (time.monotonic_ns); False if `halt` was set meanwhile."""
+    if halt.wait(max(0.0, (deadline_ns - _AWAKE_NS - time.monotonic_ns()) / 1e9)):
+        return False
+    while time.monotonic_ns() < deadline_ns:
+        if halt.is_set():
+            return False
+    return True
 
 
 class _Server(ThreadingHTTPServer):

@@ -544,6 +544,30 @@ def test_a_gate_holds_matching_requests_until_released(
     assert fake.texts == ["go ahead", "HOLD ME"]
 
 
+def test_a_released_request_takes_the_whole_model_time_after_its_release(
+    fake: FakeOllama,
+) -> None:
+    """The model's time runs from a request's arrival, but a gate is no model: a request held
+    at one gets its full time once released, as a test holding it expects."""
+    fake.request_latency = 0.2
+    gate = fake.hold()
+    answered: list[float] = []
+
+    def post_held() -> None:
+        with new_client(fake) as own:
+            embed(own, input="held")
+            answered.append(time.monotonic())
+
+    held = threading.Thread(target=post_held)
+    held.start()
+    gate.wait_held()
+    released = time.monotonic()
+    gate.release()
+    held.join(10)
+    assert answered
+    assert answered[0] - released >= 0.2
+
+
 def test_waiting_for_a_gate_that_nothing_reaches_times_out(fake: FakeOllama) -> None:
     gate = fake.hold()
     with pytest.raises(TimeoutError):
