@@ -2,11 +2,13 @@
 
 `python -m bench.app_job_steps` runs `tasks.app_lane.embed_app_job` (what `tasks.embed_skill`
 does for a job from the app) in this process against a throwaway PostgreSQL, Redis and a fake
-Ollama in its own process (7.5 ms per request + 4.3 ms per input), one skill after another,
-and times each step with a wrapper: looking for companions, load and decide, the Ollama slot,
-the request, the write (its re-read, upsert and failures cleared inside it), and staging for a
-model switch. What the worker adds around it (delivery, events, the pool's pipe) is the
-end-to-end figure of bench.app_lane minus this total.
+Ollama in its own process (7.5 ms per request + 4.3 ms per input), one skill after another
+with --pause between them (an idle worker, as bench.app_lane's publishes), and times each step
+with a wrapper: the job's first look (its mark, its skill's deaths, its reservation, whether
+other app jobs wait), load and decide, the Ollama slot, the request, the write (its re-read,
+upsert and failures cleared inside it), and staging for a model switch. What the worker adds
+around it (delivery, events, the pool's pipe) is the end-to-end figure of bench.app_lane minus
+this total.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def timed(owner: Any, name: str, label: str, timings: Timings) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.app_job_steps", description=__doc__)
     parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument(
+        "--pause", type=float, default=0.05, help="seconds between jobs (bench.app_lane's)"
+    )
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-steps-"))
     pg = LocalPostgres(work / "pg", durable=False).start()
@@ -76,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         timings: Timings = {}
         steps = (
             (app_lane, "_start", "first look (mark, deaths, reservation)"),
-            (app_lane, "waiting_companions", "companions (peek the queues)"),
             (app_lane, "load_and_decide", "load and decide"),
             (OllamaSlots, "_acquire", "the Ollama slot"),
             (OllamaClient, "_post", "the request to Ollama (slot included)"),
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         skills = add_skills(engine, args.jobs + 10, "Step")
         total = []
         for skill_id in skills:
+            time.sleep(args.pause)
             started = time.perf_counter()
             # A job id, as Celery gives one: the job looks for its mark and reserves its skill.
             app_lane.embed_app_job(rt, EmbedRequest(skill_id, TENANT), str(uuid.uuid4()))
