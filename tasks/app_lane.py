@@ -2,14 +2,17 @@
 of the app's jobs waiting behind it, so that a burst (a reviewer approving a queue, a tenant
 importing its catalog) drains in batches while every job keeps its own message.
 
-A job peeks at the oldest messages of the interactive queues (the Redis lists Celery's broker
-keeps), reserves the skills of up to EMBED_BATCH_SIZE - 1 of them for a short while, and embeds
-them with its own. Each companion whose vector was written is marked "embedded"; when its own
-job comes, it takes the mark and reports `embedded` without another look at the database (the
-job ahead read the skill after this job was queued), with its own result and Flower entry.
-Nothing waits for a batch to fill: a lone publish goes at once. Every skill of the request is
-counted toward deaths (tasks.crashes), so a skill that kills the process is sent alone from
-then on, and capped, as a lone job's is.
+A job's first look (one Redis script) takes its mark if a job ahead embedded its skill, and
+says whether other app jobs wait. If some do, it peeks at the oldest messages of the interactive
+queues (the Redis lists Celery's broker keeps), reserves the skills of up to
+EMBED_BATCH_SIZE - 1 of them for a short while, and embeds them with its own. Each companion
+whose vector was written is marked "embedded"; when its own job comes, it takes the mark and
+reports `embedded` without another look at the database (the job ahead read the skill after
+this job was queued), with its own result and Flower entry. Nothing waits for a batch to fill:
+a lone publish goes at once. Every skill sent is counted while Ollama has it (tasks.crashes),
+so a skill that kills the process is sent alone from then on, and capped, as a lone job's is.
+After a job served companions, a thread of its process (LaneAhead) embeds the next ones
+waiting, writing each batch while the next is with Ollama.
 """
 
 from __future__ import annotations
