@@ -17,7 +17,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from db.models import PUBLISHED
-from db.services import SkillRecord, skill_lock_keys
+from db.services import SKILL_LOCKS, SkillRecord, skill_lock_keys
 from db.staging import Switch
 
 
@@ -95,14 +95,13 @@ class Locked:
 # lock, which a staged write may hold while it waits for the switch row a swap holds, the swap
 # waiting for the settings row: a cycle PostgreSQL would break by failing one of them.
 LOCK_SQL = text(
-    """
+    f"""
     SELECT locked.n,
            (SELECT ollama_model FROM site_settings WHERE tenant_id = :tenant FOR SHARE)
                AS live_model,
            sw.tenant_id IS NOT NULL AS has_switch, sw.model AS switch_model,
            sw.dimensions AS switch_dimensions, sw.from_model, sw.run_id, sw.position
-    FROM (SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) AS n
-          FROM unnest(CAST(:keys AS text[])) AS key) AS locked
+    FROM ({SKILL_LOCKS}) AS locked
     LEFT JOIN embedding_switches sw ON sw.tenant_id = :tenant
     """
 )

@@ -56,14 +56,14 @@ def lock_skills(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> N
     Advisory locks, not SELECT ... FOR UPDATE: the worker's role may lack UPDATE on `skills`.
     Taken in sorted order in one statement, so two writers never wait on each other in a cycle.
     """
-    keys = skill_lock_keys(tenant_id, skill_ids)
-    session.execute(
-        text(
-            "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0)))"
-            " FROM unnest(CAST(:keys AS text[])) AS key"
-        ),
-        {"keys": keys},
-    )
+    session.execute(text(SKILL_LOCKS), {"keys": skill_lock_keys(tenant_id, skill_ids)})
+
+
+# Takes the advisory locks of :keys (skill_lock_keys), in their order; one row, `n`.
+SKILL_LOCKS = (
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) AS n"
+    " FROM unnest(CAST(:keys AS text[])) AS key"
+)
 
 
 def skill_lock_keys(tenant_id: str, skill_ids: Sequence[str]) -> list[str]:

@@ -113,12 +113,7 @@ def embed_together(
     jobs whose skill was written, then frees their reservations (and `request`'s, if this job
     holds it). `request`'s result."""
     together = Together(request, list(companions), release_own)
-    try:
-        batch = fetch_together(rt, together)
-    except BaseException:
-        together.release(rt.redis)
-        raise
-    return write_together(rt, together, batch)
+    return write_together(rt, together, fetch_together(rt, together))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +138,17 @@ class Together:
 
 def fetch_together(rt: Runtime, together: Together) -> Batch:
     """Load and decide, then ask Ollama for the vectors; the skills sent are counted while
-    Ollama has them (tasks.crashes), so a process that dies there names them."""
-    requests = together.requests
-    with unscoped(rt.sessions) as session:
-        batch = load_and_decide(rt, session, requests)
-    sent = [item.request.skill_id for item in batch.pending]
-    with rt.crashes.embedding(APP_JOBS, sent, clear_on_success=True):
-        fetch_vectors(rt, batch, urgent=True)
+    Ollama has them (tasks.crashes), so a process that dies there names them. If this fails,
+    the reservations are freed: nothing will be written."""
+    try:
+        with unscoped(rt.sessions) as session:
+            batch = load_and_decide(rt, session, together.requests)
+        sent = [item.request.skill_id for item in batch.pending]
+        with rt.crashes.embedding(APP_JOBS, sent, clear_on_success=True):
+            fetch_vectors(rt, batch, urgent=True)
+    except BaseException:
+        together.release(rt.redis)
+        raise
     return batch
 
 
@@ -247,11 +246,7 @@ class LaneAhead:
                         together = Together(None, waiting_companions(self.rt, None))
                         if not together.companions:
                             return
-                        try:
-                            batch = fetch_together(self.rt, together)
-                        except BaseException:
-                            together.release(self.rt.redis)
-                            raise
+                        batch = fetch_together(self.rt, together)
                         if writing is not None:
                             writing.result()  # one batch written at a time, in order
                         writing = writer.submit(write_together, self.rt, together, batch)

@@ -187,17 +187,11 @@ def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Res
 
     Each request gets its own result, so one bad input never fails its neighbours.
     """
-    return embed_batch(runtime, requests).finished()
-
-
-def embed_batch(runtime: Runtime, requests: Sequence[EmbedRequest]) -> Batch:
-    """`embed_skills`, with the batch written: its results, and the tenants seen switching."""
     with unscoped(runtime.sessions) as session:
         batch = load_and_decide(runtime, session, requests)
     fetch_vectors(runtime, batch, urgent=True)
     with unscoped(runtime.sessions) as session:
-        batch.results = list(write_vectors(runtime, session, batch))
-    return batch
+        return write_vectors(runtime, session, batch)
 
 
 @dataclass
@@ -211,11 +205,6 @@ class Batch:
     # The tenants with a model switch under way (a staging run), as the load saw them and the
     # write under its locks; None: not known.
     switches: dict[str, Switch] | None = None
-
-    def finished(self) -> list[Result]:
-        """Every request's result, once the batch is written."""
-        assert all(result is not None for result in self.results)
-        return [result for result in self.results if result is not None]
 
     def name_of(self, skill_id: str) -> str:
         for item in self.pending:

@@ -11,20 +11,19 @@ import sqlalchemy as sa
 
 from db import staging
 from devstack.fake_ollama import FakeOllama
+from tasks.app_lane import Together, fetch_together, write_together
 from tasks.embedding import (
     Batch,
     Embedded,
     EmbedRequest,
     Outcome,
     Result,
-    embed_batch,
     fetch_vectors,
     load_and_decide,
     write_vectors,
 )
 from tasks.errors import ModelSwitched
 from tasks.runtime import Runtime
-from tasks.switch import stage_edits
 from tasks.text import input_hash, skill_text
 from tests.databases import APP_ROLE, TENANT_A, Database
 from tests.waiting import wait_until
@@ -170,13 +169,13 @@ def test_an_app_jobs_batch_names_the_switch_it_wrote_under_for_stage_edits(
     db.add_tenant(TENANT_A)
     skill = db.add_skill(TENANT_A, "Review pull requests", "Flag risky changes")
     switch = switching(db, rt)
-    requests = [EmbedRequest(skill, TENANT_A)]
 
-    batch = embed_batch(rt, requests)
-    results = batch.finished()
-    assert results == [Embedded(Outcome.EMBEDDED, "Review pull requests")]
+    # The app lane's own steps: its write stages the new model's vector from what the batch saw.
+    together = Together(EmbedRequest(skill, TENANT_A), [])
+    batch = fetch_together(rt, together)
+    result = write_together(rt, together, batch)
+    assert result == Embedded(Outcome.EMBEDDED, "Review pull requests")
     assert batch.switches == {TENANT_A: switch}
-    stage_edits(rt, requests, results, batch.switches)
 
     [staged] = db.rows("SELECT skill_id, model_name FROM staged_embeddings")
     assert (staged.skill_id, staged.model_name) == (skill, NEW)
