@@ -2,7 +2,10 @@
 
 A lone app job is mostly round trips: its load (settings, skills, stored rows, a switch under
 way) is one statement, and its write two: the locks, then the re-read, the upsert and the
-failures cleared. Callers pass a session already scoped to the tenant (row level security).
+failures cleared. Callers pass a psycopg connection in a transaction already scoped to the
+tenant (row level security): `db.session.job_transaction` for a job's own, or the connection
+of a session (`db.session.driver`). psycopg alone, not SQLAlchemy's ORM: on an idle worker
+the ORM's work around a statement cost more than the statement (bench.app_job_steps).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, text
-from sqlalchemy.orm import Session
+from psycopg import Connection
+from psycopg.rows import namedtuple_row
 
 from db.models import PUBLISHED
 from db.services import SKILL_LOCKS, SkillRecord, skill_lock_keys
 from db.staging import Switch
+
+Conn = Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +46,7 @@ class TenantRows:
 
 # Outer joins from a one-row relation: a row even without settings, switch or skills. Every
 # join matches at most one row per skill (unique tenant_id; unique (tenant_id, skill_id)).
-LOAD_SQL = text(
-    """
+LOAD_SQL = """
     SELECT st.tenant_id IS NOT NULL AS has_settings, st.semantic_similarity_enabled,
            st.ollama_url, st.ollama_model, st.embedding_dimensions,
            sw.tenant_id IS NOT NULL AS has_switch, sw.model AS switch_model,
@@ -50,18 +54,20 @@ LOAD_SQL = text(
            s.id, s.tenant_id AS skill_tenant, s.name, s.description, s.status,
            e.input_hash, e.model_name, e.dimensions
     FROM (SELECT 1) AS one
-    LEFT JOIN site_settings st ON st.tenant_id = :tenant
-    LEFT JOIN embedding_switches sw ON sw.tenant_id = :tenant
-    LEFT JOIN skills s ON s.id = ANY(CAST(:ids AS text[]))
-    LEFT JOIN skill_embeddings e ON e.skill_id = s.id AND e.tenant_id = :tenant
+    LEFT JOIN site_settings st ON st.tenant_id = %(tenant)s
+    LEFT JOIN embedding_switches sw ON sw.tenant_id = %(tenant)s
+    LEFT JOIN skills s ON s.id = ANY(CAST(%(ids)s AS text[]))
+    LEFT JOIN skill_embeddings e ON e.skill_id = s.id AND e.tenant_id = %(tenant)s
     """
-)
 
 
-def load_tenant(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> TenantRows:
+def load_tenant(conn: Conn, tenant_id: str, skill_ids: Sequence[str]) -> TenantRows:
     """What deciding the skills needs, in one statement: the tenant's settings and switch, the
     skills, and their stored embeddings' hash, model and size."""
-    rows = session.execute(LOAD_SQL, {"tenant": tenant_id, "ids": list(skill_ids)}).all()
+    with conn.cursor(row_factory=namedtuple_row) as cursor:
+        rows: list[Any] = cursor.execute(
+            LOAD_SQL, {"tenant": tenant_id, "ids": list(skill_ids)}
+        ).fetchall()
     first = rows[0]
     settings = None
     if first.has_settings:
@@ -94,20 +100,18 @@ class Locked:
 # holds the order). So a writer never holds the settings row while it waits for a skill's
 # lock, which a staged write may hold while it waits for the switch row a swap holds, the swap
 # waiting for the settings row: a cycle PostgreSQL would break by failing one of them.
-LOCK_SQL = text(
-    f"""
+LOCK_SQL = f"""
     SELECT locked.n,
-           (SELECT ollama_model FROM site_settings WHERE tenant_id = :tenant FOR SHARE)
+           (SELECT ollama_model FROM site_settings WHERE tenant_id = %(tenant)s FOR SHARE)
                AS live_model,
            sw.tenant_id IS NOT NULL AS has_switch, sw.model AS switch_model,
            sw.dimensions AS switch_dimensions, sw.from_model, sw.run_id, sw.position
     FROM ({SKILL_LOCKS}) AS locked
-    LEFT JOIN embedding_switches sw ON sw.tenant_id = :tenant
+    LEFT JOIN embedding_switches sw ON sw.tenant_id = %(tenant)s
     """
-)
 
 
-def lock_for_write(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> Locked:
+def lock_for_write(conn: Conn, tenant_id: str, skill_ids: Sequence[str]) -> Locked:
     """Until the transaction ends: the skills' advisory locks, and the tenant's settings row
     held FOR SHARE (a model switch's swap updates it first, so this write waits for the swap
     or precedes it). The model it holds now, and the tenant's switch.
@@ -115,14 +119,16 @@ def lock_for_write(session: Session, tenant_id: str, skill_ids: Sequence[str]) -
     A read of the skills must be a later statement: READ COMMITTED takes a statement's
     snapshot at its start, and an edit committed while this one waited must be seen.
     """
-    row = session.execute(
-        LOCK_SQL, {"tenant": tenant_id, "keys": skill_lock_keys(tenant_id, skill_ids)}
-    ).one()
+    with conn.cursor(row_factory=namedtuple_row) as cursor:
+        row: Any = cursor.execute(
+            LOCK_SQL, {"tenant": tenant_id, "keys": skill_lock_keys(tenant_id, skill_ids)}
+        ).fetchone()
+    assert row is not None  # FROM is one aggregate row
     model = None if row.live_model is None else str(row.live_model)
     return Locked(model, _switch(tenant_id, row))
 
 
-def _switch(tenant_id: str, row: Row[Any]) -> Switch | None:
+def _switch(tenant_id: str, row: Any) -> Switch | None:
     if not row.has_switch:
         return None
     return Switch(tenant_id, row.switch_model, row.switch_dimensions, row.from_model, row.run_id,
@@ -142,19 +148,19 @@ class VectorRow:
 # The skills are read by this statement, which starts after lock_for_write returned: an edit
 # that committed before is seen, and its skill's row is not written (superseded). Failures
 # go with the rows written: the skill is embedded now. `text` is skill_text (tasks.text).
-WRITE_SQL = text(
-    f"""
+WRITE_SQL = f"""
     WITH written AS (
         INSERT INTO skill_embeddings
             (id, tenant_id, skill_id, embedding, model_name, dimensions, input_hash)
         SELECT v.id, s.tenant_id, s.id, CAST(v.embedding AS vector), v.model_name,
                v.dimensions, v.input_hash
-        FROM unnest(CAST(:ids AS text[]), CAST(:skills AS text[]), CAST(:texts AS text[]),
-                    CAST(:embeddings AS text[]), CAST(:models AS text[]),
-                    CAST(:dimensions AS int[]), CAST(:hashes AS text[]))
+        FROM unnest(CAST(%(ids)s AS text[]), CAST(%(skills)s AS text[]),
+                    CAST(%(texts)s AS text[]), CAST(%(embeddings)s AS text[]),
+                    CAST(%(models)s AS text[]), CAST(%(dimensions)s AS int[]),
+                    CAST(%(hashes)s AS text[]))
              AS v(id, skill_id, text, embedding, model_name, dimensions, input_hash)
         JOIN skills s ON s.id = v.skill_id
-        WHERE s.tenant_id = :tenant AND s.status = '{PUBLISHED}'
+        WHERE s.tenant_id = %(tenant)s AND s.status = '{PUBLISHED}'
           AND s.name || ' ' || coalesce(s.description, '') = v.text
         ON CONFLICT ON CONSTRAINT skill_embeddings_tenant_skill_unique DO UPDATE SET
             embedding = EXCLUDED.embedding, model_name = EXCLUDED.model_name,
@@ -166,12 +172,9 @@ WRITE_SQL = text(
     )
     SELECT skill_id, input_hash FROM written
     """
-)
 
 
-def write_current(
-    session: Session, tenant_id: str, rows: Sequence[VectorRow]
-) -> set[tuple[str, str]]:
+def write_current(conn: Conn, tenant_id: str, rows: Sequence[VectorRow]) -> set[tuple[str, str]]:
     """Upsert the rows whose skill is still published with the text embedded, and clear those
     skills' failures; (skill id, input hash) of each row written.
 
@@ -180,7 +183,7 @@ def write_current(
     """
     if not rows:
         return set()
-    result = session.execute(
+    result = conn.execute(
         WRITE_SQL,
         {
             "tenant": tenant_id,
@@ -194,4 +197,11 @@ def write_current(
             "hashes": [row.input_hash for row in rows],
         },
     )
-    return {(str(r.skill_id), str(r.input_hash)) for r in result}
+    return {(str(skill_id), str(hashed)) for skill_id, hashed in result}
+
+
+def delete_embeddings(conn: Conn, skill_ids: Sequence[str]) -> None:
+    """Remove these skills' rows (the skills left `published`)."""
+    conn.execute(
+        "DELETE FROM skill_embeddings WHERE skill_id = ANY(CAST(%s AS text[]))", (list(skill_ids),)
+    )

@@ -56,13 +56,16 @@ def lock_skills(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> N
     Advisory locks, not SELECT ... FOR UPDATE: the worker's role may lack UPDATE on `skills`.
     Taken in sorted order in one statement, so two writers never wait on each other in a cycle.
     """
-    session.execute(text(SKILL_LOCKS), {"keys": skill_lock_keys(tenant_id, skill_ids)})
+    session.connection().exec_driver_sql(
+        SKILL_LOCKS, {"keys": skill_lock_keys(tenant_id, skill_ids)}
+    )
 
 
-# Takes the advisory locks of :keys (skill_lock_keys), in their order; one row, `n`.
+# Takes the advisory locks of %(keys)s (skill_lock_keys), in their order; one row, `n`. In
+# psycopg's parameter style: db.job_statements runs it on psycopg's connection.
 SKILL_LOCKS = (
     "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) AS n"
-    " FROM unnest(CAST(:keys AS text[])) AS key"
+    " FROM unnest(CAST(%(keys)s AS text[])) AS key"
 )
 
 

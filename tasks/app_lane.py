@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 import redis
 
-from db.session import unscoped
+from db.session import job_transaction
 from tasks.crashes import APP_JOBS
 from tasks.embedding import (
     Batch,
@@ -141,8 +141,8 @@ def fetch_together(rt: Runtime, together: Together) -> Batch:
     Ollama has them (tasks.crashes), so a process that dies there names them. If this fails,
     the reservations are freed: nothing will be written."""
     try:
-        with unscoped(rt.sessions) as session:
-            batch = load_and_decide(rt, session, together.requests)
+        with job_transaction(rt.engine) as conn:
+            batch = load_and_decide(rt, conn, together.requests)
         sent = [item.request.skill_id for item in batch.pending]
         with rt.crashes.embedding(APP_JOBS, sent, clear_on_success=True):
             fetch_vectors(rt, batch, urgent=True)
@@ -157,8 +157,8 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
     reservations; the job's own result (None for the lane's own turn)."""
     request, companions = together.request, together.companions
     try:
-        with unscoped(rt.sessions) as session:
-            results = write_vectors(rt, session, batch)
+        with job_transaction(rt.engine) as conn:
+            results = write_vectors(rt, conn, batch)
         # While a tenant switches models: the new model's vector too.
         stage_edits(rt, together.requests, results, batch.switches)
         theirs = results[1:] if request else results

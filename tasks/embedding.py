@@ -12,8 +12,9 @@ from typing import Protocol
 from sqlalchemy.orm import Session
 
 from db import job_statements, services
+from db.job_statements import Conn
 from db.models import PUBLISHED
-from db.session import scope_to_tenant, tenant_scope, unscoped
+from db.session import job_transaction, scope_connection, tenant_scope, unscoped
 from db.staging import Switch
 from tasks.errors import (
     DimensionMismatch,
@@ -187,11 +188,11 @@ def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Res
 
     Each request gets its own result, so one bad input never fails its neighbours.
     """
-    with unscoped(runtime.sessions) as session:
-        batch = load_and_decide(runtime, session, requests)
+    with job_transaction(runtime.engine) as conn:
+        batch = load_and_decide(runtime, conn, requests)
     fetch_vectors(runtime, batch, urgent=True)
-    with unscoped(runtime.sessions) as session:
-        return write_vectors(runtime, session, batch)
+    with job_transaction(runtime.engine) as conn:
+        return write_vectors(runtime, conn, batch)
 
 
 @dataclass
@@ -224,8 +225,9 @@ class Batch:
         self.vectors = [None] * len(self.pending)
 
 
-def load_and_decide(runtime: Runtime, session: Session, requests: Sequence[EmbedRequest]) -> Batch:
-    """Read each request's skill, settings and stored row in `session`; decide what it needs.
+def load_and_decide(runtime: Runtime, conn: Conn, requests: Sequence[EmbedRequest]) -> Batch:
+    """Read each request's skill, settings and stored row in `conn`'s transaction; decide what
+    it needs.
 
     Skills that left `published` lose their row here, in the caller's transaction.
     """
@@ -241,9 +243,9 @@ def load_and_decide(runtime: Runtime, session: Session, requests: Sequence[Embed
     pending: list[_Pending] = []
     switches: dict[str, Switch] = {}
     for tenant, indexes in by_tenant.items():
-        scope_to_tenant(session, tenant)
+        scope_connection(conn, tenant)
         pending += _decide_tenant(
-            runtime, session, tenant, [(i, requests[i]) for i in indexes], results, switches
+            runtime, conn, tenant, [(i, requests[i]) for i in indexes], results, switches
         )
     return Batch(list(requests), results, pending, [None] * len(pending), switches)
 
@@ -273,20 +275,21 @@ def vectors_by_tenant(batch: Batch) -> dict[str, list[tuple[_Pending, list[float
     return by_tenant
 
 
-def write_vectors(runtime: Runtime, session: Session, batch: Batch) -> list[Result]:
-    """Upsert the fetched vectors in `session`, per tenant a statement that locks and one that
-    writes; every result. Notes in `batch.switches` the tenants switching under the locks."""
+def write_vectors(runtime: Runtime, conn: Conn, batch: Batch) -> list[Result]:
+    """Upsert the fetched vectors in `conn`'s transaction, per tenant a statement that locks
+    and one that writes; every result. Notes in `batch.switches` the tenants switching under
+    the locks."""
     results = list(batch.results)
     for tenant, vectors in vectors_by_tenant(batch).items():
-        scope_to_tenant(session, tenant)
+        scope_connection(conn, tenant)
         locked = job_statements.lock_for_write(
-            session, tenant, [item.request.skill_id for item, _ in vectors]
+            conn, tenant, [item.request.skill_id for item, _ in vectors]
         )
         if batch.switches is not None:
             live = locked.model or runtime.settings.ollama_model
             _note_switch(batch.switches, tenant, locked.switch, live)
         vectors = _same_model(runtime, tenant, locked.model, vectors, results)
-        for item, outcome in _write(session, tenant, vectors):
+        for item, outcome in _write(conn, tenant, vectors):
             results[item.index] = Embedded(outcome, item.name)
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
@@ -336,15 +339,16 @@ def _same_model(
 
 def _decide_tenant(
     runtime: Runtime,
-    session: Session,
+    conn: Conn,
     tenant: str,
     indexed: list[tuple[int, EmbedRequest]],
     results: list[Result | None],
     switches: dict[str, Switch],
 ) -> list[_Pending]:
     pending: list[_Pending] = []
+    removed: list[str] = []
     ids = [request.skill_id for _, request in indexed]
-    rows = job_statements.load_tenant(session, tenant, ids)
+    rows = job_statements.load_tenant(conn, tenant, ids)
     config = config_from(runtime, rows.settings)
     _note_switch(switches, tenant, rows.switch, config.model)
     skills = rows.skills
@@ -376,11 +380,13 @@ def _decide_tenant(
             results[index] = exc
             continue
         if decision.action is Outcome.REMOVED:
-            services.delete_skill_embedding(session, request.skill_id)
+            removed.append(request.skill_id)
         if decision.action is not None:
             results[index] = Embedded(decision.action, decision.name)
         else:
             pending.append(_Pending(index, request, tenant, decision.name, decision.text, config))
+    if removed:
+        job_statements.delete_embeddings(conn, removed)
     return pending
 
 
@@ -407,7 +413,7 @@ def _embed_splitting(
 
 
 def _write(
-    session: Session, tenant: str, items: list[tuple[_Pending, list[float]]]
+    conn: Conn, tenant: str, items: list[tuple[_Pending, list[float]]]
 ) -> list[tuple[_Pending, Outcome]]:
     """Upsert the vectors whose skill still has the text we embedded; the rest are superseded.
 
@@ -425,7 +431,7 @@ def _write(
         )
         for item, vector in items
     ]
-    written = job_statements.write_current(session, tenant, _dedupe(rows))
+    written = job_statements.write_current(conn, tenant, _dedupe(rows))
     outcomes = []
     for (item, _), row in zip(items, rows, strict=True):
         current = (row.skill_id, row.input_hash) in written

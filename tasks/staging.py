@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from db import runs, services, staging
 from db.models import PUBLISHED
-from db.session import scope_to_tenant
+from db.session import driver, scope_to_tenant
 from tasks.embedding import (
     Batch,
     Embedded,
@@ -49,7 +49,7 @@ def decide_for_run(
     """What a claimed batch needs: a backfill's decision, or a switch's."""
     run = runs.get_run(session, run_id)
     if run is None or run.kind != runs.SWITCH or run.tenant_id is None:
-        return load_and_decide(rt, session, requests)
+        return load_and_decide(rt, driver(session), requests)
     switch = staging.get_switch(session, run.tenant_id)
     model = run.model or ""
     if switch is None or switch.model != model:  # cancelled: its items get an outcome anyway
@@ -96,7 +96,7 @@ def write_for_run(rt: Runtime, session: Session, batch: Batch) -> list[Result]:
     """Write a claimed batch: live rows for a backfill, staged rows for a switch."""
     if isinstance(batch, StagedBatch):
         return write_staged(session, batch)
-    return write_vectors(rt, session, batch)
+    return write_vectors(rt, driver(session), batch)
 
 
 def write_staged(session: Session, batch: StagedBatch) -> list[Result]:

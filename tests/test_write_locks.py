@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from db import staging
+from db.session import job_transaction
 from devstack.fake_ollama import FakeOllama
 from tasks.app_lane import Together, fetch_together, write_together
 from tasks.embedding import (
@@ -43,8 +44,8 @@ def rt(db: Database, redis_url: str, ollama: FakeOllama) -> Iterator[Runtime]:
 
 def fetched(rt: Runtime, skill: str) -> Batch:
     """A lone app job's batch, decided and given its vector, not yet written."""
-    with rt.sessions.begin() as session:
-        batch = load_and_decide(rt, session, [EmbedRequest(skill, TENANT_A)])
+    with job_transaction(rt.engine) as conn:
+        batch = load_and_decide(rt, conn, [EmbedRequest(skill, TENANT_A)])
     fetch_vectors(rt, batch, urgent=True)
     return batch
 
@@ -55,8 +56,8 @@ def write_in_thread(rt: Runtime, batch: Batch) -> Callable[[], list[Result]]:
 
     def write() -> None:
         try:
-            with rt.sessions.begin() as session:
-                out.append(write_vectors(rt, session, batch))
+            with job_transaction(rt.engine) as conn:
+                out.append(write_vectors(rt, conn, batch))
         except BaseException as exc:
             out.append(exc)
 
