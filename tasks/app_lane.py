@@ -11,6 +11,9 @@ reports `embedded` without another look at the database (the job ahead read the 
 this job was queued), with its own result and Flower entry. Nothing waits for a batch to fill:
 a lone publish goes at once. Every skill sent is counted while Ollama has it (tasks.crashes),
 so a skill that kills the process is sent alone from then on, and capped, as a lone job's is.
+A job's own skill is counted from its first look, where it takes its reservation, until the
+reservation goes after the write: a lone publish counts and uncounts without round trips of
+its own.
 After a job served companions, a thread of its process (LaneAhead) embeds the next ones
 waiting, writing each batch while the next is with Ollama.
 """
@@ -32,7 +35,7 @@ import orjson
 import redis
 
 from db.session import job_transaction
-from tasks.crashes import APP_JOBS
+from tasks.crashes import APP_JOBS, COUNT_SECONDS
 from tasks.embedding import (
     Batch,
     Embedded,
@@ -94,7 +97,7 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
     # A process died while embedding it: alone, it cannot take neighbours down again.
     alone = deaths or request.force or not waiting
     companions = [] if alone else waiting_companions(rt, request)
-    result = embed_together(rt, request, companions, release_own=own)
+    result = embed_together(rt, request, companions, own=own)
     if companions:
         # More of the burst is likely waiting: embed it while the jobs just served confirm.
         lane_ahead(rt).ensure()
@@ -107,12 +110,12 @@ def embed_together(
     request: EmbedRequest | None,
     companions: Sequence[Waiting],
     *,
-    release_own: bool = False,
+    own: bool = False,
 ) -> Result | None:
     """One request for `request`'s skill (if any) and the companions'; marks the companions'
-    jobs whose skill was written, then frees their reservations (and `request`'s, if this job
-    holds it). `request`'s result."""
-    together = Together(request, list(companions), release_own)
+    jobs whose skill was written, then frees their reservations (and `request`'s, with its
+    count, if this job's first look took them: `own`). `request`'s result."""
+    together = Together(request, list(companions), own)
     return write_together(rt, together, fetch_together(rt, together))
 
 
@@ -122,18 +125,38 @@ class Together:
 
     request: EmbedRequest | None
     companions: list[Waiting]
-    release_own: bool = False
+    # The job's first look reserved `request`'s skill and counted it (tasks.crashes).
+    own: bool = False
 
     @property
     def requests(self) -> list[EmbedRequest]:
         return [*([self.request] if self.request else []), *(c.request for c in self.companions)]
 
-    def release(self, client: redis.Redis) -> None:
-        """Free the reservations held for this request (they expire by themselves otherwise)."""
+    def uncounted(self, skill_ids: Sequence[str]) -> list[str]:
+        """Those of `skill_ids` that the first look did not count already."""
+        if self.request is None or not self.own:
+            return list(skill_ids)
+        return [skill_id for skill_id in skill_ids if skill_id != self.request.skill_id]
+
+    def release(self, rt: Runtime, *, done: bool) -> None:
+        """Free the reservations held for this request (they expire by themselves otherwise),
+        and end the count of the job's own skill: `done`, its deaths are forgotten, as a
+        batch's that ended well; else the count goes back to its deaths."""
         ours = [c.request.skill_id for c in self.companions]
-        if self.request is not None and self.release_own:
+        if self.request is not None and self.own:
             ours.append(self.request.skill_id)
-        _release(client, ours)
+        if not ours:
+            return
+        with contextlib.suppress(redis.RedisError):  # else they expire, and the count stays
+            pipe = rt.redis.pipeline(transaction=False)
+            pipe.delete(*(RESERVED + skill_id for skill_id in ours))
+            if self.request is not None and self.own:
+                counts, skill_id = rt.crashes.key(APP_JOBS), self.request.skill_id
+                if done:
+                    pipe.hdel(counts, skill_id)
+                else:
+                    pipe.hincrby(counts, skill_id, -1)
+            pipe.execute()
 
 
 def fetch_together(rt: Runtime, together: Together) -> Batch:
@@ -143,11 +166,11 @@ def fetch_together(rt: Runtime, together: Together) -> Batch:
     try:
         with job_transaction(rt.engine) as conn:
             batch = load_and_decide(rt, conn, together.requests)
-        sent = [item.request.skill_id for item in batch.pending]
+        sent = together.uncounted([item.request.skill_id for item in batch.pending])
         with rt.crashes.embedding(APP_JOBS, sent, clear_on_success=True):
             fetch_vectors(rt, batch, urgent=True)
     except BaseException:
-        together.release(rt.redis)
+        together.release(rt, done=False)
         raise
     return batch
 
@@ -156,6 +179,7 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
     """Write the fetched vectors, mark the companions' jobs whose skill was written, free the
     reservations; the job's own result (None for the lane's own turn)."""
     request, companions = together.request, together.companions
+    done = False
     try:
         with job_transaction(rt.engine) as conn:
             results = write_vectors(rt, conn, batch)
@@ -169,8 +193,9 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
         ]
         # Marks before the reservations go: a job waiting on its skill sees one or the other.
         _mark(rt.redis, {job: name for c, name in written for job in c.jobs})
+        done = True
     finally:
-        together.release(rt.redis)
+        together.release(rt, done=done)
     if companions:
         leader = request.skill_id if request else "the lane's own turn"
         logger.info("Embedded %d waiting app jobs' skills with %s", len(written), leader)
@@ -178,19 +203,22 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
 
 
 # A job's first look, in one round trip: its mark (a job ahead embedded its skill), else its
-# skill's deaths, else a reservation of its skill (only for a skill it will send); and
-# whether any app job waits in the lanes (KEYS[4..]): a lone publish need not peek at them.
-_START = """
+# skill's deaths, else a reservation of its skill (only for a skill it will send), which
+# counts the skill from here (tasks.crashes: Together.release ends it); and whether any app
+# job waits in the lanes (KEYS[4..]): a lone publish need not peek at them.
+_START = f"""
 local name = redis.call('GETDEL', KEYS[1])
-if name then return {'marked', name, 0} end
+if name then return {{'marked', name, 0}} end
 local waiting = 0
 for i = 4, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[i]) end
 local deaths = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
-if deaths >= tonumber(ARGV[2]) then return {'dead', deaths, waiting} end
+if deaths >= tonumber(ARGV[2]) then return {{'dead', deaths, waiting}} end
 if redis.call('SET', KEYS[2], 'own', 'NX', 'PX', ARGV[3]) then
-  return {'own', deaths, waiting}
+  redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+  redis.call('EXPIRE', KEYS[3], {COUNT_SECONDS})
+  return {{'own', deaths, waiting}}
 end
-return {'reserved', deaths, waiting}
+return {{'reserved', deaths, waiting}}
 """
 
 
@@ -282,13 +310,6 @@ def reset() -> None:
 def stop() -> None:
     if _ahead is not None:
         _ahead.stop()
-
-
-def _release(client: redis.Redis, skill_ids: Sequence[str]) -> None:
-    if not skill_ids:
-        return
-    with contextlib.suppress(redis.RedisError):  # else they expire by themselves
-        client.delete(*(RESERVED + skill_id for skill_id in skill_ids))
 
 
 def _mark(client: redis.Redis, written: dict[str, str]) -> None:

@@ -1,7 +1,8 @@
 """Embeddings begun and not ended, per item: what a worker process was doing when it died.
 
 A process counts each item while Ollama embeds it and its answer is read, and takes the count
-back once that is over, whatever the outcome. A count that stays is a death: the process was
+back once that is over, whatever the outcome (a job from the app counts its own skill from its
+first look to its write: tasks.app_lane). A count that stays is a death: the process was
 killed (out of memory, a crash in native code) in the middle of it. Counts live
 in Redis, so every worker of the deployment sees them, and expire a day after their last use.
 """
@@ -18,6 +19,7 @@ import redis
 logger = logging.getLogger(__name__)
 
 APP_JOBS = "app"  # the key for jobs outside any run
+COUNT_SECONDS = 86400  # a run's counts expire this long after their last use
 QUIET_SECONDS = 10.0  # between two lines about the same outage
 
 
@@ -46,7 +48,7 @@ class CrashCounts:
         pipe = self._redis.pipeline(transaction=False)
         for skill_id in skill_ids:
             pipe.hincrby(key, skill_id, 1)
-        pipe.expire(key, 86400)
+        pipe.expire(key, COUNT_SECONDS)
         pipe.execute()
 
     def end(self, run_id: str | None, skill_ids: Sequence[str], *, done: bool) -> None:
