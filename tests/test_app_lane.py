@@ -208,3 +208,25 @@ def test_a_later_edit_of_a_skill_embedded_ahead_is_embedded_again(
     wait_until(lambda: row_hash(db, skill) == input_hash(newest), what="the later edit's vector")
     wait_until(lambda: newer in job_results(worker.log()), what="the later edit's job")
     assert job_results(worker.log())[newer] == "embedded"
+
+
+def test_a_skill_edited_more_often_than_its_death_cap_is_embedded_each_time(
+    db: Database, fast_worker: Process, producer: Celery, embedder_env: dict[str, str]
+) -> None:
+    # A job counts its skill from its first look and takes the count back after its write: a
+    # count left behind by jobs that lived would read as deaths, and the fourth edit would be
+    # given up as a skill that kills its process (EMBED_MAX_DELIVERIES is 3 here).
+    db.add_tenant(TENANT_A)
+    skill = db.add_skill(TENANT_A, "Summarise tickets", "Edit 0")
+    for edit in range(5):
+        db.edit_skill(skill, description=f"Edit {edit}")
+        job = publish(producer, skill)
+        text = skill_text("Summarise tickets", f"Edit {edit}")
+        wait_until(lambda t=text: row_hash(db, skill) == input_hash(t), what=f"edit {edit}'s row")
+        wait_until(lambda j=job: j in job_results(fast_worker.log()), what=f"edit {edit}'s job")
+        assert job_results(fast_worker.log())[job] == "embedded"
+    client = redis.Redis.from_url(embedder_env["REDIS_URL"])
+    try:
+        assert client.hget("embedder:unfinished:app", skill) is None
+    finally:
+        client.close()
