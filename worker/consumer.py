@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 # Seconds the worker's buffered task events wait before they go out (on_send_event_buffered).
-EVENT_FLUSH_DELAY = 0.001
+EVENT_FLUSH_DELAY = 0.005
 
 
 class EmbedderConsumer(Consumer):
@@ -39,8 +39,9 @@ class EmbedderConsumer(Consumer):
     def on_send_event_buffered(self) -> None:  # type: ignore[override]  # the stub's is wrong
         # Celery flushes task events at the top of the event loop's next turn, before that
         # turn writes the job to the pool process: a job waited for the publish of its own
-        # "task-received" (0.5 ms of a lone publish here, bench/README.md). A timer a
-        # millisecond out lets the write go first; the events keep the time they were sent.
+        # "task-received" (0.5 ms of a lone publish here, bench/README.md). A timer lets the
+        # write go first, and 5 ms puts the publish in the job's wait for Ollama rather than
+        # beside its first steps on the cores. The events keep the time they were sent.
         if self.hub is None:
             return
         now = time.monotonic()
