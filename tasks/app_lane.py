@@ -96,7 +96,11 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
         return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
     # A process died while embedding it: alone, it cannot take neighbours down again.
     alone = deaths or request.force or not waiting
-    companions = [] if alone else waiting_companions(rt, request)
+    try:
+        companions = [] if alone else waiting_companions(rt, request)
+    except BaseException:
+        Together(request, [], own).release(rt, done=False)  # its reservation, its count
+        raise
     result = embed_together(rt, request, companions, own=own)
     if companions:
         # More of the burst is likely waiting: embed it while the jobs just served confirm.
