@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import ColumnElement, Row, Text, bindparam, cast, delete, func, select, text
+from sqlalchemy import ColumnElement, Row, Text, bindparam, cast, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -173,12 +173,6 @@ def vector_literal(vector: Sequence[float]) -> ColumnElement[Any]:
     """The vector as pgvector's text input, `[0.1,0.2,...]`, which is JSON's array syntax:
     orjson writes it in C, where pgvector's own adapter formats each float in Python."""
     return cast(bindparam(None, orjson.dumps(vector).decode(), type_=Text), Vector())
-
-
-def delete_skill_embedding(session: Session, skill_id: str) -> bool:
-    """Remove the skill's row; True when there was one."""
-    result = session.execute(delete(SkillEmbedding).where(SkillEmbedding.skill_id == skill_id))
-    return bool(getattr(result, "rowcount", 0))  # a DML result always has one
 
 
 def list_active_tenants(session: Session) -> list[str]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import ProgrammingError
 
-from db import services
-from db.session import SessionFactory, tenant_scope
+from db import job_statements, services
+from db.job_statements import Conn
+from db.session import SessionFactory, job_transaction, scope_connection, tenant_scope
 from tasks.text import input_hash, skill_text
 from tests.databases import TENANT_A, TENANT_B, Database
 
@@ -73,16 +76,22 @@ def test_update_site_settings_rejects_an_unknown_column(
         services.update_site_settings(session, TENANT_A, ollama_host="x")
 
 
-def test_delete_skill_embedding_removes_the_row(db: Database, sessions: SessionFactory) -> None:
+@contextmanager
+def job_scope(sessions: SessionFactory, tenant_id: str) -> Iterator[Conn]:
+    """A job's own transaction (psycopg's connection, db.job_statements), scoped to a tenant."""
+    with job_transaction(sessions.kw["bind"]) as conn:
+        scope_connection(conn, tenant_id)
+        yield conn
+
+
+def test_a_jobs_delete_removes_the_row(db: Database, sessions: SessionFactory) -> None:
     db.add_tenant(TENANT_A)
     skill = db.add_skill(TENANT_A, "Summarise meeting notes")
     with tenant_scope(sessions, TENANT_A) as session:
         services.upsert_skill_embedding(session, **embedding_for(TENANT_A, skill))
 
-    with tenant_scope(sessions, TENANT_A) as session:
-        assert services.delete_skill_embedding(session, skill)
-    with tenant_scope(sessions, TENANT_A) as session:
-        assert not services.delete_skill_embedding(session, skill)
+    with job_scope(sessions, TENANT_A) as conn:
+        job_statements.delete_embeddings(conn, [skill])
 
     assert db.scalar("SELECT count(*) FROM skill_embeddings") == 0
 
@@ -138,7 +147,11 @@ def test_a_tenant_scope_neither_sees_nor_writes_another_tenants_rows(
         assert services.get_skill(session, skill_a) is not None
         assert services.get_skill_embedding(session, skill_b) is None
         assert services.get_site_settings(session, TENANT_B) is None
-        assert not services.delete_skill_embedding(session, skill_b)
+    with job_scope(sessions, TENANT_A) as conn:  # a job's load and delete, on psycopg alone
+        rows = job_statements.load_tenant(conn, TENANT_A, [skill_a, skill_b])
+        assert set(rows.skills) == {skill_a}
+        assert rows.stored == {}
+        job_statements.delete_embeddings(conn, [skill_b])
     with (
         pytest.raises(ProgrammingError, match="row-level security"),
         tenant_scope(sessions, TENANT_A) as session,
