@@ -136,30 +136,28 @@ class Together:
     def requests(self) -> list[EmbedRequest]:
         return [*([self.request] if self.request else []), *(c.request for c in self.companions)]
 
+    @property
+    def counted(self) -> list[str]:
+        """The skill the job's first look counted already: its own, if it took it."""
+        return [self.request.skill_id] if self.request is not None and self.own else []
+
     def uncounted(self, skill_ids: Sequence[str]) -> list[str]:
         """Those of `skill_ids` that the first look did not count already."""
-        if self.request is None or not self.own:
-            return list(skill_ids)
-        return [skill_id for skill_id in skill_ids if skill_id != self.request.skill_id]
+        counted = self.counted
+        return [skill_id for skill_id in skill_ids if skill_id not in counted]
 
     def release(self, rt: Runtime, *, done: bool) -> None:
         """Free the reservations held for this request (they expire by themselves otherwise),
         and end the count of the job's own skill: `done`, its deaths are forgotten, as a
         batch's that ended well; else the count goes back to its deaths."""
-        ours = [c.request.skill_id for c in self.companions]
-        if self.request is not None and self.own:
-            ours.append(self.request.skill_id)
+        counted = self.counted
+        ours = [c.request.skill_id for c in self.companions] + counted
         if not ours:
             return
         with contextlib.suppress(redis.RedisError):  # else they expire, and the count stays
             pipe = rt.redis.pipeline(transaction=False)
             pipe.delete(*(RESERVED + skill_id for skill_id in ours))
-            if self.request is not None and self.own:
-                counts, skill_id = rt.crashes.key(APP_JOBS), self.request.skill_id
-                if done:
-                    pipe.hdel(counts, skill_id)
-                else:
-                    pipe.hincrby(counts, skill_id, -1)
+            rt.crashes.end(APP_JOBS, counted, done=done, pipe=pipe)
             pipe.execute()
 
 

@@ -51,19 +51,28 @@ class CrashCounts:
         pipe.expire(key, COUNT_SECONDS)
         pipe.execute()
 
-    def end(self, run_id: str | None, skill_ids: Sequence[str], *, done: bool) -> None:
+    def end(
+        self,
+        run_id: str | None,
+        skill_ids: Sequence[str],
+        *,
+        done: bool,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> None:
         """The items' batch ended and this process lives: done, they are cleared; else the count
-        goes back to the deaths alone."""
+        goes back to the deaths alone. With `pipe`, the commands join it and its caller sends
+        them with its own."""
         if not skill_ids:
             return
         key = self.key(run_id)
+        queue = self._redis.pipeline(transaction=False) if pipe is None else pipe
         if done:
-            self._redis.hdel(key, *skill_ids)
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for skill_id in skill_ids:
-            pipe.hincrby(key, skill_id, -1)
-        pipe.execute()
+            queue.hdel(key, *skill_ids)
+        else:
+            for skill_id in skill_ids:
+                queue.hincrby(key, skill_id, -1)
+        if pipe is None:
+            queue.execute()
 
     @contextmanager
     def embedding(
