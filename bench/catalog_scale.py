@@ -82,9 +82,7 @@ def seed(engine: sa.Engine, skills: int, tenants: int) -> list[str]:
             f"{TEXT_HASH} FROM skills WHERE status = 'published'"
         )
     with engine.connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
-            "VACUUM ANALYZE"
-        )
+        connection.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
     return ids
 
 

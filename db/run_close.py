@@ -93,7 +93,8 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
             SELECT count(*) FILTER (WHERE current) AS current,
                    coalesce(array_agg(skills.id) FILTER (WHERE NOT current), '{{}}') AS arrived
             FROM skills
-            LEFT JOIN skill_embeddings e ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
+            LEFT JOIN skill_embeddings e
+                ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
             CROSS JOIN LATERAL (SELECT
                 coalesce(e.input_hash = {SQL_INPUT_HASH} AND e.model_name = :model
                          AND e.dimensions = :dimensions, false) AS current) AS now

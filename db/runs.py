@@ -350,6 +350,17 @@ def _finish_if_complete(
     return _state(finished)
 
 
+def kept(session: Session) -> tuple[int, int]:
+    """(runs, items) the worker's tables hold now."""
+    row = session.execute(
+        text(
+            "SELECT (SELECT count(*) FROM embedding_runs) AS runs,"
+            " (SELECT count(*) FROM embedding_run_items) AS items"
+        )
+    ).one()
+    return int(row.runs), int(row.items)
+
+
 def get_run(session: Session, run_id: str) -> RunState | None:
     row = session.execute(
         text(f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE id = :id"), {"id": run_id}

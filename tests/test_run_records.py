@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -38,6 +40,14 @@ def test_a_backfill_records_only_the_skills_it_sends(
     assert run_items(db, unchanged) == set()
     assert run_items(db, edited) == set(skills[3:5])
     assert ollama.inputs == 14
+    status = subprocess.run(
+        [sys.executable, "-m", "worker", "status", "--json"],
+        env=embedder_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(status.stdout)["kept"] == {"runs": 3, "items": 14, "retention_days": 30.0}
 
 
 def test_a_skill_published_during_a_run_is_embedded_before_its_summary(
@@ -102,4 +112,5 @@ def test_reconcile_prunes_finished_runs_past_the_retention_but_never_an_open_one
     kept = {str(row.id) for row in db.rows("SELECT id FROM embedding_runs")}
     assert kept == {runs["open"], runs["newest"]}
     assert db.scalar("SELECT count(*) FROM embedding_run_items") == 2
-    assert "Reconcile: pruned 1 run finished more than RUN_RETENTION_DAYS (30) days ago" in worker.log()
+    line = "Reconcile: pruned 1 run finished more than RUN_RETENTION_DAYS (30) days ago"
+    assert line in worker.log()
