@@ -7,7 +7,7 @@ last outcome, whose lock on the run's row makes the count and the close one step
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -30,14 +30,21 @@ class Tally:
     unpublished: int
     deleted: int
     redo: list[str]  # still published, not current any more: to embed again
+    others: int = 0  # published, current, and never an item of the run (current at its start)
+    arrived: list[str] = field(default_factory=list)  # published, not current, not an item
 
 
 def run_tenants(session: Session, run_id: str) -> list[str]:
-    rows = session.execute(
-        text("SELECT DISTINCT tenant_id FROM embedding_run_items WHERE run_id = :id"),
+    """The tenants the run covers: named when it started (runs before migration 0009 list them
+    only through their items)."""
+    row = session.execute(
+        text(
+            "SELECT coalesce(tenants, ARRAY(SELECT DISTINCT tenant_id FROM embedding_run_items"
+            " WHERE run_id = :id)) AS tenants FROM embedding_runs WHERE id = :id"
+        ),
         {"id": run_id},
-    )
-    return sorted(str(row.tenant_id) for row in rows)
+    ).one_or_none()
+    return sorted(set(row.tenants)) if row is not None else []
 
 
 def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensions: int) -> Tally:
@@ -78,6 +85,26 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
             "redo": list(REDO),
         },
     ).one()
+    # The tenant's published skills the run never listed: those current at its start, and any
+    # published since. One pass over the tenant's catalog, the same as the run's start made.
+    rest = session.execute(
+        text(
+            f"""
+            SELECT count(*) FILTER (WHERE current) AS current,
+                   coalesce(array_agg(skills.id) FILTER (WHERE NOT current), '{{}}') AS arrived
+            FROM skills
+            LEFT JOIN skill_embeddings e
+                ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
+            CROSS JOIN LATERAL (SELECT
+                coalesce(e.input_hash = {SQL_INPUT_HASH} AND e.model_name = :model
+                         AND e.dimensions = :dimensions, false) AS current) AS now
+            WHERE skills.tenant_id = :tenant AND skills.status = '{PUBLISHED}'
+              AND NOT EXISTS (SELECT 1 FROM embedding_run_items i
+                              WHERE i.run_id = :run AND i.skill_id = skills.id)
+            """
+        ),
+        {"run": run_id, "tenant": tenant_id, "model": model, "dimensions": dimensions},
+    ).one()
     return Tally(
         embedded=int(row.embedded),
         unchanged=int(row.unchanged),
@@ -86,11 +113,21 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
         unpublished=int(row.unpublished),
         deleted=int(row.deleted),
         redo=[str(skill_id) for skill_id in row.redo],
+        others=int(rest.current),
+        arrived=[str(skill_id) for skill_id in rest.arrived],
     )
 
 
-def reopen(session: Session, run_id: str, skill_ids: Sequence[str]) -> None:
-    """Hand items back to be claimed again, and count the run's outcomes anew from its items."""
+def reopen(
+    session: Session,
+    run_id: str,
+    skill_ids: Sequence[str],
+    arrived: Sequence[tuple[str, str]],
+    others: int,
+) -> None:
+    """Hand items back to be claimed again, list the skills that `arrived` (tenant, skill) as
+    new items, and count the run anew: its items' outcomes, plus `others` current skills that
+    are no item of it."""
     session.execute(
         text(
             "UPDATE embedding_run_items SET outcome = NULL, detail = NULL, finished_at = NULL"
@@ -98,19 +135,40 @@ def reopen(session: Session, run_id: str, skill_ids: Sequence[str]) -> None:
         ),
         {"run": run_id, "ids": list(skill_ids)},
     )
+    if arrived:
+        session.execute(
+            text(
+                """
+                INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
+                SELECT :run, a.skill_id, a.tenant_id,
+                       coalesce((SELECT max(position) FROM embedding_run_items
+                                 WHERE run_id = :run AND tenant_id = a.tenant_id), 0)
+                       + row_number() OVER (PARTITION BY a.tenant_id ORDER BY a.skill_id)
+                FROM unnest(CAST(:tenants AS text[]), CAST(:skills AS text[]))
+                    AS a(tenant_id, skill_id)
+                ON CONFLICT DO NOTHING
+                """
+            ),
+            {
+                "run": run_id,
+                "tenants": [tenant for tenant, _ in arrived],
+                "skills": [skill for _, skill in arrived],
+            },
+        )
     session.execute(
         text(
             """
-            UPDATE embedding_runs r SET embedded = c.embedded, unchanged = c.unchanged,
-                   failed = c.failed, skipped = c.skipped
+            UPDATE embedding_runs r SET embedded = c.embedded, unchanged = c.unchanged + :others,
+                   failed = c.failed, skipped = c.skipped, total = c.items + :others
             FROM (SELECT count(*) FILTER (WHERE outcome = 'embedded') AS embedded,
                          count(*) FILTER (WHERE outcome = 'unchanged') AS unchanged,
                          count(*) FILTER (WHERE outcome = 'failed') AS failed,
                          count(*) FILTER (WHERE outcome NOT IN ('embedded', 'unchanged', 'failed'))
-                           AS skipped
+                           AS skipped,
+                         count(*) AS items
                   FROM embedding_run_items WHERE run_id = :run) c
             WHERE r.id = :run
             """
         ),
-        {"run": run_id},
+        {"run": run_id, "others": others},
     )

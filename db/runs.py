@@ -128,28 +128,25 @@ def pending_count(session: Session, run_id: str) -> int:
 def add_tenant_items(
     session: Session, run_id: str, tenant_id: str, *, model: str, dimensions: int, force: bool
 ) -> tuple[int, int]:
-    """Record each of the tenant's published skills as a run item; (published, queued).
+    """Record the tenant's published skills that need work as run items; (published, queued).
 
-    Those already current are recorded `unchanged` at once, with no job: the run still lists
-    them, so its summary can count at the end which are still published and current. Runs in
-    the tenant's scope: the selection happens in SQL, nothing is held in memory.
+    Skills already current get no item: the run counts them (`unchanged`) and names the tenant,
+    and its close counts the tenant's current skills from the catalog (db.run_close), so a run
+    over a catalog that changed little writes little. Runs in the tenant's scope: the selection
+    happens in SQL, nothing is held in memory.
     """
     row = session.execute(
         text(
             f"""
             WITH added AS (
-                INSERT INTO embedding_run_items
-                    (run_id, skill_id, tenant_id, position, outcome, finished_at, needed_work)
-                SELECT :run_id, skills.id, :tenant_id, row_number() OVER (ORDER BY skills.id),
-                       CASE WHEN w.skill_id IS NULL THEN 'unchanged' END,
-                       CASE WHEN w.skill_id IS NULL THEN now() END,
-                       w.skill_id IS NOT NULL
-                FROM skills LEFT JOIN ({NEEDS_WORK_SQL}) AS w ON w.skill_id = skills.id
-                WHERE skills.tenant_id = :tenant_id AND skills.status = '{PUBLISHED}'
+                INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
+                SELECT :run_id, w.skill_id, :tenant_id, row_number() OVER (ORDER BY w.skill_id)
+                FROM ({NEEDS_WORK_SQL}) AS w
                 ON CONFLICT DO NOTHING
-                RETURNING needed_work)
-            SELECT count(*) AS published, count(*) FILTER (WHERE needed_work) AS queued
-            FROM added
+                RETURNING 1)
+            SELECT (SELECT count(*) FROM skills
+                    WHERE tenant_id = :tenant_id AND status = '{PUBLISHED}') AS published,
+                   (SELECT count(*) FROM added) AS queued
             """
         ),
         {
@@ -164,11 +161,31 @@ def add_tenant_items(
     session.execute(
         text(
             "UPDATE embedding_runs SET total = total + :published,"
-            " unchanged = unchanged + :current WHERE id = :id"
+            " unchanged = unchanged + :current,"
+            " tenants = array_append(coalesce(tenants, '{}'), CAST(:tenant AS text))"
+            " WHERE id = :id"
         ),
-        {"published": published, "current": published - queued, "id": run_id},
+        {"published": published, "current": published - queued, "tenant": tenant_id, "id": run_id},
     )
     return published, queued
+
+
+def prune_finished(session: Session, keep_seconds: float) -> int:
+    """Delete runs (and, by cascade, their items) finished more than `keep_seconds` ago; the
+    count deleted. The newest run stays whatever its age (`status` shows it), and so does a
+    run a model switch still names."""
+    result = session.execute(
+        text(
+            """
+            DELETE FROM embedding_runs r
+            WHERE r.finished_at < now() - make_interval(secs => :keep)
+              AND r.id <> (SELECT id FROM embedding_runs ORDER BY started_at DESC LIMIT 1)
+              AND NOT EXISTS (SELECT 1 FROM embedding_switches s WHERE s.run_id = r.id)
+            """
+        ),
+        {"keep": keep_seconds},
+    )
+    return _rowcount(result)
 
 
 def iter_pending_items(session: Session, run_id: str) -> Iterator[tuple[str, str]]:
@@ -331,6 +348,17 @@ def _finish_if_complete(
         {"id": run_id, **values},
     ).one()
     return _state(finished)
+
+
+def kept(session: Session) -> tuple[int, int]:
+    """(runs, items) the worker's tables hold now."""
+    row = session.execute(
+        text(
+            "SELECT (SELECT count(*) FROM embedding_runs) AS runs,"
+            " (SELECT count(*) FROM embedding_run_items) AS items"
+        )
+    ).one()
+    return int(row.runs), int(row.items)
 
 
 def get_run(session: Session, run_id: str) -> RunState | None:

@@ -286,6 +286,14 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
     """
     with unscoped(rt.sessions) as session:
         tenants = services.list_active_tenants(session)
+        pruned = runs.prune_finished(session, rt.settings.run_retention_days * 86400)
+    if pruned:
+        logger.info(
+            "Reconcile: pruned %d %s finished more than RUN_RETENTION_DAYS (%g) days ago",
+            pruned,
+            "run" if pruned == 1 else "runs",
+            rt.settings.run_retention_days,
+        )
     removed = 0
     for tenant in tenants:
         with tenant_scope(rt.sessions, tenant) as session:

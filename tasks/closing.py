@@ -1,9 +1,11 @@
 """How a run ends: its summary counts what the catalog holds at the end, not what it planned.
 
-Y is the run's skills still published, X those of them current (whichever job made them so),
-Z those that failed; skills that left the catalog are counted apart. A skill still published
-but no longer current (edited after its batch, its app job not yet done) goes back to the run,
-which embeds it again before it closes: so X + Z = Y, exactly.
+Y is the published skills of the run's tenants at its end, X those of them current (whichever
+job made them so), Z those that failed; the run's own skills that left the catalog are counted
+apart. A published skill that is not current (edited after its batch, or published during the
+run, its app job not yet done) goes back to the run, or joins it, and is embedded before the run
+closes: so X + Z = Y, exactly. Skills current at the start are no item of the run: they are
+counted from the catalog, so a run over a catalog that changed little writes little.
 """
 
 from __future__ import annotations
@@ -33,13 +35,19 @@ class RunCloser:
             scope_to_tenant(session, tenant)
             config = tenant_config(self.rt, session, tenant)
             tallies.append(
-                run_close.tally(
-                    session, run_id, tenant, model=config.model, dimensions=config.dimensions
+                (
+                    tenant,
+                    run_close.tally(
+                        session, run_id, tenant, model=config.model, dimensions=config.dimensions
+                    ),
                 )
             )
-        redo = [skill_id for tally in tallies for skill_id in tally.redo]
-        if redo:
-            run_close.reopen(session, run_id, redo)
+        redo = [skill_id for _, tally in tallies for skill_id in tally.redo]
+        arrived = [(tenant, skill_id) for tenant, tally in tallies for skill_id in tally.arrived]
+        if redo or arrived:
+            others = sum(tally.others for _, tally in tallies)
+            run_close.reopen(session, run_id, redo, arrived, others)
+            redo += [skill_id for _, skill_id in arrived]
             self.reopened = redo
             logger.info(
                 "%d skills of run %s changed after their batch: embedding them again before"
@@ -49,11 +57,12 @@ class RunCloser:
                 extra={"run_id": run_id},
             )
             return None
+        counted = [tally for _, tally in tallies]
         return runs.Final(
-            embedded=sum(t.embedded for t in tallies),
-            unchanged=sum(t.unchanged for t in tallies),
-            failed=sum(t.failed for t in tallies),
-            skipped=sum(t.skipped for t in tallies),
-            unpublished=sum(t.unpublished for t in tallies),
-            deleted=sum(t.deleted for t in tallies),
+            embedded=sum(t.embedded for t in counted),
+            unchanged=sum(t.unchanged + t.others for t in counted),
+            failed=sum(t.failed for t in counted),
+            skipped=sum(t.skipped for t in counted),
+            unpublished=sum(t.unpublished for t in counted),
+            deleted=sum(t.deleted for t in counted),
         )

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=600.0, gt=0)
     # 60 s: a job refused during a broker outage is queued at most ~75 s after it is back.
     catch_up_interval_seconds: float = Field(default=60.0, ge=0.1, le=3600)
+    # Finished runs (and their items) are kept this long, for `status` and for a person asking
+    # what a run did; the newest run is always kept.
+    run_retention_days: float = Field(default=30.0, gt=0, le=36500)
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     task_time_limit_seconds: int = Field(default=300, ge=1)
     flower_basic_auth: str | None = None
