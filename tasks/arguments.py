@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import Annotated, Any, Union
 
 import orjson
-from celery import Task
+from celery import Task, current_app
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, create_model
 
 from tasks import refusals, runtime
@@ -54,19 +54,26 @@ class CheckedTask(Task[Any, Any]):
         problem = self.arguments.problem(args, kwargs)
         if problem is None:
             return
-        line = f"Refused {self.name}[{task_id}]: {problem}; the job must carry {self.arguments}"
-        logger.warning("%s", line)
+        reason = f"{problem}; the job must carry {self.arguments}"
+        logger.warning("Refused %s[%s]: %s", self.name, task_id, reason)
         refusals.set_aside(
             runtime.current().redis,
             queue=str((self.request.delivery_info or {}).get("routing_key") or self.name),
             reason=refusals.BAD_ARGUMENTS,
             entry=_job_record(self.name, task_id, args, kwargs),
         )
-        raise BadArguments(line)
+        raise BadArguments(reason)
 
     @cached_property
     def arguments(self) -> Signature:
         return Signature(self.name, self.run)
+
+
+def fits(task_name: str, args: Any, kwargs: Any) -> bool:
+    """Whether a job of `task_name` with these arguments would pass its task's check (for a
+    job read off a queue before its own turn: the app lane's companions)."""
+    task = current_app.tasks.get(task_name)
+    return isinstance(task, CheckedTask) and task.arguments.problem(args, kwargs) is None
 
 
 class Signature:
