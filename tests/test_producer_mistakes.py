@@ -14,11 +14,13 @@ import pytest
 import redis
 from celery import Celery
 
+from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port
 from tasks import enqueue_embed_skill
 from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
 from tests.databases import TENANT_A, Database
 from tests.processes import celery, start_worker
+from tests.test_backfill import embedded_ids
 from tests.test_metrics import scrape, value
 from tests.waiting import wait_until
 
@@ -61,11 +63,15 @@ def warnings(log: str) -> list[str]:
 
 
 def test_whatever_a_producer_sends_the_same_worker_refuses_it_in_one_line_and_serves_on(
-    db: Database, embedder_env: dict[str, str], producer: Celery, tmp_path: Path
-) -> None:
+    db: Database, embedder_env: dict[str, str], ollama: FakeOllama, producer: Celery,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     db.add_tenant(TENANT_A)
     target = db.add_skill(TENANT_A, "Triage incoming bugs", "Label and route new issues")
-    good = db.add_skill(TENANT_A, "Write release notes", "From merged pull requests")
+    leader, ahead, good = (
+        db.add_skill(TENANT_A, name, "From merged pull requests")
+        for name in ("Summarise a release", "Draft a changelog", "Write release notes")
+    )
     port = free_port()
     env = {**embedder_env, "METRICS_PORT": str(port), "CATCH_UP_INTERVAL_SECONDS": "3600"}
     worker = start_worker(env, tmp_path / "worker.log")
@@ -73,6 +79,12 @@ def test_whatever_a_producer_sends_the_same_worker_refuses_it_in_one_line_and_se
         assert worker.process is not None
         pid = worker.process.pid
         client = redis.Redis.from_url(embedder_env["REDIS_URL"])
+        # Everything waits behind a job held at Ollama, as behind any busy worker; the first
+        # app job after it looks for companions among what waits with it.
+        gate = ollama.hold()
+        assert enqueue_embed_skill(leader, TENANT_A, broker_url=embedder_env["REDIS_URL"])
+        gate.wait_held()
+        assert enqueue_embed_skill(ahead, TENANT_A, broker_url=embedder_env["REDIS_URL"])
 
         # Entries that are not messages, straight onto the queues.
         no_headers = envelope(producer, client)
@@ -116,13 +128,16 @@ def test_whatever_a_producer_sends_the_same_worker_refuses_it_in_one_line_and_se
         )  # fmt: skip
         assert called.returncode == 0, called.stderr
         sent["celery call --kwargs"] = called.stdout.strip()
+        gate.release()
 
         # Then the app publishes: the same worker embeds it.
         assert enqueue_embed_skill(good, TENANT_A, broker_url=embedder_env["REDIS_URL"])
-        wait_until(lambda: db.embedding_rows(), what="the publish after them to be embedded")
+        wait_until(lambda: good in embedded_ids(db), what="the publish after them to be embedded")
         refusals = len(entries) + len(sent) + 2  # and the pickle, and the unknown task
         wait_until(lambda: len(lines_about(warnings(worker.log()), "Refused")) >= refusals,
                    what="a line for each refusal")  # fmt: skip
+        wait_until(lambda: all(f"[{task_id}] raised expected" in worker.log()
+                               for task_id in sent.values()), what="each job's end")  # fmt: skip
 
         log = worker.log()
         shown = warnings(log)
@@ -156,7 +171,7 @@ def test_whatever_a_producer_sends_the_same_worker_refuses_it_in_one_line_and_se
         assert "'tenant'" in lines_about(shown, sent["celery call --kwargs"])[0]
 
         # Nothing of theirs was written: the good skill's row, no failure, no run.
-        assert [row.skill_id for row in db.embedding_rows()] == [good]
+        assert embedded_ids(db) == {leader, ahead, good}
         assert db.scalar("SELECT count(*) FROM embedding_failures") == 0
         assert db.scalar("SELECT count(*) FROM embedding_runs") == 0
 
@@ -177,3 +192,13 @@ def test_whatever_a_producer_sends_the_same_worker_refuses_it_in_one_line_and_se
         assert json.loads(status.stdout)["refused"] == expected
     finally:
         worker.stop()
+
+
+def test_every_task_a_producer_can_send_checks_its_arguments() -> None:
+    import tasks.jobs  # noqa: F401  # registers the tasks, as a worker does when it starts
+    from tasks.arguments import CheckedTask
+    from worker.celery_app import app
+
+    ours = {name: task for name, task in app.tasks.items() if not name.startswith("celery.")}
+    assert EMBED_SKILL in ours
+    assert [name for name, task in ours.items() if not isinstance(task, CheckedTask)] == []
