@@ -107,7 +107,7 @@ class Signature:
         except ValidationError as exc:
             error = exc.errors(include_url=False)[0]
             where = ".".join(str(part) for part in error["loc"])
-            return f"{where}: {error['msg'].lower()}, got {_shown(error['input'])}"
+            return f"{where}: {error['msg'].lower()}, got {refusals.shown(error['input'])}"
         return None
 
     def __str__(self) -> str:
@@ -136,13 +136,6 @@ def _type_name(hint: Any) -> str:
         args = ", ".join(_type_name(arg) for arg in typing.get_args(hint))
         return f"{typing.get_origin(hint).__name__}[{args}]"
     return getattr(hint, "__name__", str(hint))
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, str):
-        return refusals.preview(value)
-    text, limit = repr(value), refusals.PREVIEW_CHARS
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _job_record(name: str, task_id: str, args: Any, kwargs: Any) -> str:

@@ -29,6 +29,7 @@ PREVIEW_CHARS: Final = 80  # of an entry or a value quoted in a log line
 NOT_JSON: Final = "not_json"  # the entry is not JSON at all
 NOT_A_MESSAGE: Final = "not_a_message"  # JSON, but not a message envelope (properties, body)
 NO_HEADERS: Final = "no_headers"  # a message without the task headers Celery needs
+BAD_HEADERS: Final = "bad_headers"  # task headers of the wrong type (a list for an id, ...)
 UNKNOWN_TASK: Final = "unknown_task"  # a task name no worker registers
 CONTENT_TYPE: Final = "content_type"  # a serializer the worker does not accept (pickle, yaml)
 UNDECODABLE: Final = "undecodable"  # a body that does not decode as its content type says
@@ -41,6 +42,12 @@ def preview(entry: bytes | str, limit: int = PREVIEW_CHARS) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def shown(value: object, limit: int = PREVIEW_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters with how long it was."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def set_aside(client: redis.Redis, *, queue: str, reason: str, entry: bytes | str) -> bool:

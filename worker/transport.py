@@ -29,7 +29,7 @@ def envelope_problem(entry: bytes) -> tuple[str, str] | None:
     """Why kombu could not read `entry` as a message: (reason, what is wrong), or None."""
     try:
         payload = json.loads(entry)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return "not_json", "it is not JSON"
     if not isinstance(payload, dict):
         return "not_a_message", f"it is JSON {type(payload).__name__}, not a message object"
@@ -42,6 +42,16 @@ def envelope_problem(entry: bytes) -> tuple[str, str] | None:
     body = payload.get("body")
     if body is not None and not isinstance(body, str):
         return "not_a_message", "its body is not a string"
+    for name, value in (
+        ("headers", payload.get("headers")),
+        ("content-type", payload.get("content-type")),
+        ("content-encoding", payload.get("content-encoding")),
+        ("body_encoding", properties.get("body_encoding")),
+        ("priority", properties.get("priority")),
+    ):
+        expected = (dict,) if name == "headers" else (int,) if name == "priority" else (str,)
+        if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+            return "not_a_message", f"its {name} is {type(value).__name__}"
     if body and properties.get("body_encoding") == "base64":
         try:
             base64.b64decode(body, validate=True)
