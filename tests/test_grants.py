@@ -75,8 +75,16 @@ def test_a_role_with_exactly_the_printed_grants_runs_every_task_and_command(
     assert ("skills", "UPDATE") not in expected  # the app's tables: read-only where only read
     assert ("tenants", "INSERT") not in expected
 
-    migrated = cli({**embedder_env, "DATABASE_URL": db.url(OWNER)}, "migrate", "--grant", ROLE)
+    owner = {**embedder_env, "DATABASE_URL": db.url(OWNER)}
+    missing = cli(owner, "migrate", "--grant", "nobody_here")
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines() == [
+        'error: cannot grant to nobody_here: role "nobody_here" does not exist (create the role'
+        " first, and run migrate as the tables' owner)"
+    ]
+    migrated = cli(owner, "migrate", "--grant", ROLE)
     assert migrated.returncode == 0, migrated.stderr
+    assert "Granted embedder_granted what the worker needs on " in migrated.stdout
     assert held(db, ROLE) == expected  # exactly what was printed, no more
 
     env = {**embedder_env, "DATABASE_URL": granted_url}
