@@ -8,7 +8,8 @@ client: an entry kombu could not read is set aside (tasks.refusals), gets one li
 loop goes on as if BRPOP had timed out. Messages Celery itself refuses (no task headers, an
 unknown task, pickle) are handled by the consumer (worker.refusing).
 
-Loaded by every process that talks to the broker (`celery call`, Flower): nothing heavy here.
+Loaded by every process that talks to the broker (`celery call`, Flower): nothing heavy here
+(tasks.refusals is kept light for it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
+from tasks import refusals
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,33 +33,32 @@ def envelope_problem(entry: bytes) -> tuple[str, str] | None:
     try:
         payload = json.loads(entry)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return "not_json", "it is not JSON"
+        return refusals.NOT_JSON, "it is not JSON"
     if not isinstance(payload, dict):
-        return "not_a_message", f"it is JSON {type(payload).__name__}, not a message object"
+        return refusals.NOT_A_MESSAGE, f"it is JSON {type(payload).__name__}, not a message object"
     properties = payload.get("properties")
     if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
-        return "not_a_message", "it has no properties with a delivery_tag"
+        return refusals.NOT_A_MESSAGE, "it has no properties with a delivery_tag"
     delivery = properties.get("delivery_info")
     if not isinstance(delivery, dict) or not {"exchange", "routing_key"} <= delivery.keys():
-        return "not_a_message", "its properties have no delivery_info (exchange, routing_key)"
+        return refusals.NOT_A_MESSAGE, "its properties lack delivery_info (exchange, routing_key)"
     body = payload.get("body")
     if body is not None and not isinstance(body, str):
-        return "not_a_message", "its body is not a string"
-    for name, value in (
-        ("headers", payload.get("headers")),
-        ("content-type", payload.get("content-type")),
-        ("content-encoding", payload.get("content-encoding")),
-        ("body_encoding", properties.get("body_encoding")),
-        ("priority", properties.get("priority")),
+        return refusals.NOT_A_MESSAGE, "its body is not a string"
+    for name, value, expected in (
+        ("headers", payload.get("headers"), dict),
+        ("content-type", payload.get("content-type"), str),
+        ("content-encoding", payload.get("content-encoding"), str),
+        ("body_encoding", properties.get("body_encoding"), str),
+        ("priority", properties.get("priority"), int),
     ):
-        expected = (dict,) if name == "headers" else (int,) if name == "priority" else (str,)
         if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
-            return "not_a_message", f"its {name} is {type(value).__name__}"
+            return refusals.NOT_A_MESSAGE, f"its {name} is {type(value).__name__}"
     if body and properties.get("body_encoding") == "base64":
         try:
             base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
-            return "undecodable", "its body is not base64 as its body_encoding says"
+            return refusals.UNDECODABLE, "its body is not base64 as its body_encoding says"
     return None
 
 
@@ -86,8 +88,6 @@ class ScreenedChannel(kombu_redis.Channel):
         return None
 
     def _refuse(self, queue: str, entry: bytes, reason: str, what: str) -> None:
-        from tasks import refusals
-
         with self.conn_or_acquire() as client:
             kept = refusals.set_aside(client, queue=queue, reason=reason, entry=entry)
         where = f"set aside in Redis list {refusals.SET_ASIDE}" if kept else "dropped"
