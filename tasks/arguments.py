@@ -11,6 +11,7 @@ message (tasks.refusals), and gets one line that says what the job must carry.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import types
 import typing
@@ -18,7 +19,6 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import Annotated, Any, Union
 
-import orjson
 from celery import Task, current_app
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, create_model
 
@@ -140,6 +140,6 @@ def _type_name(hint: Any) -> str:
 
 def _job_record(name: str, task_id: str, args: Any, kwargs: Any) -> str:
     # What a person needs to find the producer: the task, its id and the arguments it came with.
-    return orjson.dumps(
-        {"task": name, "id": task_id, "args": args, "kwargs": kwargs}, default=repr
-    ).decode()
+    # The standard library's encoder: it takes whatever JSON decoded (orjson refuses integers
+    # past 64 bits).
+    return json.dumps({"task": name, "id": task_id, "args": args, "kwargs": kwargs}, default=repr)

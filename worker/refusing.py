@@ -107,8 +107,8 @@ class RefusingConsumer(Consumer):
             except passing:
                 raise
             except Exception as exc:  # what the checks above did not foresee: still one line
-                self._refuse(message, refusals.NOT_A_MESSAGE,
-                             f"Celery cannot read it ({type(exc).__name__}: {exc})")  # fmt: skip
+                what = f"Celery cannot read it ({type(exc).__name__}: {_one_line(exc)})"
+                self._refuse(message, refusals.NOT_A_MESSAGE, what)
                 if not message.acknowledged:
                     message.reject_log_error(logger, self.connection_errors)
                 return None
@@ -138,7 +138,7 @@ class RefusingConsumer(Consumer):
                 " decoded: send JSON (Celery's task_serializer='json')"
             )
         else:
-            reason, what = refusals.NOT_A_MESSAGE, f"Celery cannot run it: {exc}"
+            reason, what = refusals.NOT_A_MESSAGE, f"Celery cannot run it: {_one_line(exc)}"
         self._refuse(message, reason, what)
         message.reject_log_error(logger, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=exc)
@@ -161,3 +161,9 @@ class RefusingConsumer(Consumer):
         named = f" {refusals.shown(task_id)}" if task_id else ""
         logger.warning("Refused a message%s of queue %s: %s (%s); %s", named, queue, what,
                        reason, where)  # fmt: skip
+
+
+def _one_line(exc: Exception, limit: int = 200) -> str:
+    # An error's text may quote what the producer sent: one line, cut, like any value shown.
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
