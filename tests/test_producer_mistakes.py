@@ -193,12 +193,16 @@ def test_whatever_a_producer_sends_the_same_worker_refuses_it_in_one_line_and_se
         samples = scrape(f"http://127.0.0.1:{port}/metrics")
         for reason, count in expected.items():
             assert value(samples, "embedder_refused_messages_total", reason=reason) == count
-        status = subprocess.run(
-            [sys.executable, "-m", "worker", "status", "--json"],
-            env=embedder_env, capture_output=True, text=True,
+        status, document = (
+            subprocess.run([sys.executable, "-m", "worker", "status", *args], env=embedder_env,
+                           capture_output=True, text=True)
+            for args in ([], ["--json"])
         )  # fmt: skip
-        assert status.returncode == 0, status.stderr
-        assert json.loads(status.stdout)["refused"] == expected
+        assert status.returncode == document.returncode == 0, status.stderr + document.stderr
+        assert json.loads(document.stdout)["refused"] == expected
+        assert f"Refused messages: {sum(expected.values())} (bad_arguments {len(sent)}," in (
+            status.stdout
+        )
     finally:
         worker.stop()
 
