@@ -59,9 +59,6 @@ def load_catalog(admin_url: str, ollama_url: str) -> tuple[int, int]:
     catalog: dict[str, Any] = json.loads(CATALOG.read_text(encoding="utf-8"))
     engine = sa.create_engine(admin_url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as connection:
-        connection.exec_driver_sql(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {APP_ROLE}"
-        )
         for tenant in catalog["tenants"]:
             connection.execute(
                 sa.text(
@@ -159,7 +156,8 @@ def run(data: Path, once: bool, flower_port: int) -> int:
             "PYTHONUNBUFFERED": "1",
         }
         migrate_env = {**env, "DATABASE_URL": admin_url}
-        subprocess.run([sys.executable, "-m", "worker", "migrate"], env=migrate_env, check=True)
+        subprocess.run([sys.executable, "-m", "worker", "migrate", "--grant", APP_ROLE],
+                       env=migrate_env, check=True)  # fmt: skip
         skills, published = load_catalog(admin_url, ollama_url)
         say(f"Catalog: {skills} skills in 2 tenants, {published} published")
 

@@ -35,6 +35,7 @@ import orjson
 import redis
 
 from db.session import job_transaction
+from tasks.arguments import fits
 from tasks.crashes import APP_JOBS, COUNT_SECONDS
 from tasks.embedding import (
     Batch,
@@ -388,7 +389,7 @@ def app_job(raw: bytes) -> tuple[str, EmbedRequest] | None:
         args, kwargs, _ = orjson.loads(body)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
+    if not fits(EMBED_SKILL, args, kwargs):  # its own job refuses it: not a companion either
         return None
     values = dict(zip(("skill_id", "tenant_id", "run_id", "force"), args, strict=False))
     values.update(kwargs)

@@ -8,6 +8,9 @@ from tasks.queues import EMBED_SKILL
 
 # The ids a job's arguments may carry, in `tasks.embed_skill`'s order (skill_id, tenant_id, run_id).
 JOB_FIELDS = ("skill_id", "tenant_id", "run_id")
+# The longest id a job may carry (tasks.arguments refuses longer ones); a log line never names
+# a longer value as an id.
+MAX_ID_LENGTH = 200
 
 
 def job_fields() -> dict[str, str]:
@@ -27,6 +30,6 @@ def job_fields() -> dict[str, str]:
     kwargs = dict(getattr(request, "kwargs", None) or {})
     for index, name in enumerate(JOB_FIELDS):
         value = kwargs.get(name, args[index] if index < len(args) else None)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
             fields[name] = value
     return fields

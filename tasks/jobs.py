@@ -22,6 +22,7 @@ from db import claims, runs
 from db.session import unscoped
 from tasks import run_loops, runtime
 from tasks.app_lane import embed_app_job
+from tasks.arguments import CheckedTask, Identifier
 from tasks.backfill import FanOutInterrupted, fan_out, reconcile_catalog, start_backfill
 from tasks.batching import claim, fetch, recorded_here, write
 from tasks.crashes import APP_JOBS
@@ -70,7 +71,7 @@ def give_up_after_deaths(kwargs: dict[str, Any], args: list[Any]) -> WorkerDied 
     return error
 
 
-class EmbedTask(Task[Any, Any]):
+class EmbedTask(CheckedTask):
     Request = "tasks.jobs:EmbedJob"
 
 
@@ -86,9 +87,10 @@ class EmbedTask(Task[Any, Any]):
 )
 def embed_skill(
     self: Task[Any, Any],
-    skill_id: str,
-    tenant_id: str | None = None,
-    run_id: str | None = None,
+    skill_id: Identifier,
+    tenant_id: Identifier | None = None,
+    *,
+    run_id: Identifier | None = None,
     force: bool = False,
 ) -> str:
     """Bring one skill's embedding up to date; returns what happened (`embedded`, ...)."""
@@ -168,9 +170,9 @@ def settle(task: Task[Any, Any], result: Result, skill_id: str, run_id: str | No
     return result.outcome.value
 
 
-@shared_task(name="tasks.backfill", bind=True, throws=(PermanentError,))
+@shared_task(name="tasks.backfill", base=CheckedTask, bind=True, throws=(PermanentError,))
 def backfill(
-    self: Task[Any, Any], tenant_id: str | None = None, force: bool = False
+    self: Task[Any, Any], tenant_id: Identifier | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Queue one `tasks.embed_skill` per published skill that needs one; returns the run at once."""
     rt = runtime.current()
@@ -188,13 +190,16 @@ def backfill(
 
 @shared_task(
     name="tasks.fan_out",
+    base=CheckedTask,
     bind=True,
     throws=(EmbedderError,),
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
 )
-def fan_out_rest(self: Task[Any, Any], run_id: str, force: bool, after: list[Any] | None) -> None:
+def fan_out_rest(
+    self: Task[Any, Any], run_id: Identifier, force: bool, after: list[Any] | None
+) -> None:
     """The next chunk of a backfill's jobs (queued behind the previous chunk)."""
     rt = runtime.current()
     try:
@@ -256,7 +261,7 @@ def _continue_fan_out(run_id: str, force: bool, after: tuple[str, int]) -> None:
     )
 
 
-@shared_task(name="tasks.reconcile")
+@shared_task(name="tasks.reconcile", base=CheckedTask)
 def reconcile() -> dict[str, int]:
     """Re-queue what is missing or stale and drop rows of unpublished skills (run by beat, and by
     the worker's catch-up)."""
@@ -293,15 +298,21 @@ def _stager(rt: runtime.Runtime) -> Stager:
     )
 
 
-@shared_task(name="tasks.switch_model", throws=(PermanentError,))
-def switch_model(model: str, tenant_id: str | None = None) -> dict[str, Any]:
+@shared_task(name="tasks.switch_model", base=CheckedTask, throws=(PermanentError,))
+def switch_model(model: Identifier, tenant_id: Identifier | None = None) -> dict[str, Any]:
     """Stage `model`'s vectors for a tenant (or every active one, in turn), then swap them in."""
     rt = runtime.current()
     return start_switch(rt, model, tenant_id, _stager(rt))
 
 
-@shared_task(name=STAGE_SWITCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def stage_switch(tenant_id: str) -> str | None:
+@shared_task(
+    name=STAGE_SWITCH,
+    base=CheckedTask,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def stage_switch(tenant_id: Identifier) -> str | None:
     """Start (or top up) the staging run of the tenant's switch; nothing if one is running."""
     rt = runtime.current()
     return begin_staging(rt, tenant_id, _stager(rt))

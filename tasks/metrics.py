@@ -28,6 +28,7 @@ OLLAMA_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 class _Metrics:
     embeddings: Counter
     ollama_seconds: Histogram
+    refused: Counter
 
 
 _metrics: _Metrics | None = None
@@ -51,6 +52,12 @@ def _get() -> _Metrics:
                     "Time of one request to Ollama, waiting for its answer",
                     buckets=OLLAMA_BUCKETS,
                 ),
+                refused=Counter(
+                    "embedder_refused_messages",
+                    "Messages the worker refused without running them, by reason"
+                    " (not_json, bad_arguments, content_type, ...: tasks/refusals.py)",
+                    ["reason"],
+                ),
             )
         return _metrics
 
@@ -64,6 +71,11 @@ def count_outcomes(tenant_id: str | None, outcome: str, n: int = 1) -> None:
 def count_job_outcome(outcome: str) -> None:
     """The current job's skill (outside any run) ended with `outcome`."""
     count_outcomes(job_fields().get("tenant_id"), outcome)
+
+
+def count_refusal(reason: str) -> None:
+    """One message refused for `reason` (set aside in Redis by tasks.refusals)."""
+    _get().refused.labels(reason=reason).inc()
 
 
 @contextmanager

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("worker", "tasks", "db", "devstack", "bench")
 # What `celery call`, Flower or a producer must not pay for: none of it sends a message.
 HEAVY = ("sqlalchemy", "psycopg", "prometheus_client", "pydantic", "pydantic_settings", "httpx")
-# The producer API's own modules, constants and a lazy Celery producer: the web app imports them.
-LIGHT_TASK_MODULES = {"tasks", "tasks.producer", "tasks.queues"}
+# The producer API's own modules, constants and a lazy Celery producer: the web app imports them;
+# and the record of refused messages, which the broker transport (worker.transport) loads.
+LIGHT_TASK_MODULES = {"tasks", "tasks.producer", "tasks.queues", "tasks.refusals"}
 
 
 def module_name(path: Path) -> str:

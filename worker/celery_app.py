@@ -48,6 +48,8 @@ def create_app(messaging: Messaging) -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
+        # kombu's Redis transport, with a screen for entries that are not messages.
+        broker_transport="worker.transport:ScreenedTransport",
         # Sorted queue order: "celery" < "embed" < "embed_bulk". Both interactive lanes, the
         # default queue of a producer that names none and the app's own, drain before bulk.
         # "celery" keeps Celery's own exchange and key for it, so that no message routed to

@@ -1,4 +1,4 @@
-"""`python -m worker ...`: migrate, status, backfill, health, switch-model, search."""
+"""`python -m worker ...`: migrate, grants, status, backfill, health, switch-model, search."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from worker.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from sqlalchemy import Engine
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -24,12 +25,38 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         before = migrate.current_revision(engine)
         migrate.upgrade(engine, dimensions=settings.embedding_dimensions)
         after = migrate.current_revision(engine)
+        if before == after:
+            print(f"Database is up to date ({after}) at {settings.masked_database_url}")
+        else:
+            print(f"Migrated {before or 'empty'} -> {after} at {settings.masked_database_url}")
+        if args.grant is not None:
+            return _apply_grants(engine, args.grant)
     finally:
         engine.dispose()
-    if before == after:
-        print(f"Database is up to date ({after}) at {settings.masked_database_url}")
-    else:
-        print(f"Migrated {before or 'empty'} -> {after} at {settings.masked_database_url}")
+    return 0
+
+
+def _apply_grants(engine: Engine, role: str) -> int:
+    from sqlalchemy.exc import ProgrammingError
+
+    from db.grants import WORKER_PRIVILEGES, apply_grants
+
+    try:
+        with engine.begin() as connection:
+            apply_grants(connection, role)
+    except ProgrammingError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        print(f"error: cannot grant to {role}: {reason} (create the role first, and run"
+              " migrate as the tables' owner)", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"Granted {role} what the worker needs on {len(WORKER_PRIVILEGES)} tables")
+    return 0
+
+
+def _grants(args: argparse.Namespace) -> int:
+    from db.grants import grant_statements
+
+    print("\n".join(grant_statements(args.role)))
     return 0
 
 
@@ -101,7 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m worker", description="everyskill-embedder: operate the embedding worker."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("migrate", help="create the worker's tables (and the app's, where missing)")
+    migrate = commands.add_parser(
+        "migrate", help="create the worker's tables (and the app's, where missing)"
+    )
+    migrate.add_argument(
+        "--grant", metavar="ROLE", type=_role, help="then grant ROLE what the worker needs"
+    )
+    grants = commands.add_parser(
+        "grants", help="print the GRANT statements that give a role what the worker needs"
+    )
+    grants.add_argument("role", type=_role, help="the role the worker logs in as")
     status = commands.add_parser(
         "status", help="per tenant: published, embedded, stale, missing; the run"
     )
@@ -140,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _role(value: str) -> str:
+    from db.grants import check_role
+
+    try:
+        return check_role(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _switch_model(settings: Settings, args: argparse.Namespace) -> int:
     from worker.switching import switch_command
 
@@ -165,6 +210,8 @@ HANDLERS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "grants":  # needs no settings: an operator runs it before any exist
+        return _grants(args)
     try:
         settings = Settings.load()
         return HANDLERS[args.command](settings, args)

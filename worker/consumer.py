@@ -17,6 +17,8 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
+from worker.refusing import RefusingConsumer
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 EVENT_FLUSH_DELAY = 0.005
 
 
-class EmbedderConsumer(Consumer):
+class EmbedderConsumer(RefusingConsumer, Consumer):
     _flush_due = 0.0  # when the buffered events' flush is due; 0: none scheduled
     hub: Any  # set by Celery, untyped in its stubs
     event_dispatcher: Any

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from db import failures, runs, services
 from db.session import tenant_scope, unscoped
+from tasks import refusals
 from tasks.embedding import tenant_config
 from tasks.runtime import Runtime
 
@@ -135,6 +136,18 @@ def print_status(rt: Runtime, console: Console) -> None:
         console.print(describe_kept(runs.kept(session), rt.settings.run_retention_days))
     for row in switch_report(rt):
         console.print("\n".join(describe_switch(row)), highlight=False, markup=False)
+    console.print(describe_refusals(refusals.counts(rt.redis)), highlight=False, markup=False)
+
+
+def describe_refusals(counts: dict[str, int]) -> str:
+    """Messages producers sent that the worker refused, per reason: a broken producer shows."""
+    if not counts:
+        return "No message was refused."
+    reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+    return (
+        f"Refused messages: {sum(counts.values())} ({reasons}); the latest are in Redis list"
+        f" {refusals.SET_ASIDE}"
+    )
 
 
 def status_document(rt: Runtime) -> dict[str, Any]:
@@ -176,6 +189,7 @@ def status_document(rt: Runtime) -> dict[str, Any]:
             "items": items_kept,
             "retention_days": rt.settings.run_retention_days,
         },
+        "refused": refusals.counts(rt.redis),  # reason -> messages refused (tasks.refusals)
     }
 
 
