@@ -27,9 +27,10 @@ WORKER_PRIVILEGES: Final[dict[str, tuple[str, ...]]] = {
     # Read for each tenant's Ollama and model; held FOR SHARE by writers; a model switch's swap
     # updates its model. The worker never creates a tenant's row.
     "site_settings": ("SELECT", "UPDATE"),
-    # The worker's own (its migrations create them).
-    "embedding_runs": ("SELECT", "INSERT", "UPDATE"),
-    "embedding_run_items": ("SELECT", "INSERT", "UPDATE"),
+    # The worker's own (its migrations create them). The reconcile prunes finished runs, and
+    # their items go with them (ON DELETE CASCADE).
+    "embedding_runs": WRITE,
+    "embedding_run_items": WRITE,
     "embedding_failures": WRITE,
     "embedding_switches": WRITE,
     "staged_embeddings": WRITE,
