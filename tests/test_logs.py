@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
@@ -46,3 +47,20 @@ def test_json_logs_carry_the_ids_of_the_job_that_embedded_a_skill(
     assert embedded["task_id"]
     assert "run_id" not in embedded
     assert any(line["message"].endswith("ready.") for line in lines)
+
+
+def test_a_job_that_finds_ollama_down_logs_one_line_per_retry(
+    db: Database, worker: Process, redis_url: str, ollama: FakeOllama
+) -> None:
+    db.add_tenant(TENANT_A)
+    skill = db.add_skill(TENANT_A, "Review pull requests", "Flag risky changes")
+    ollama.down()
+
+    assert enqueue_embed_skill(skill, TENANT_A, broker_url=redis_url)
+    # EMBED_MAX_RETRIES=4: the fifth attempt fails the job, after every retry was logged.
+    wait_until(lambda: "Failed after 5 attempts" in worker.log(), what="the job's failure")
+
+    first_job = worker.log().split("Failed after 5 attempts")[0]  # a catch-up may queue it again
+    retries = [line for line in first_job.splitlines() if "retry" in line.lower()]
+    assert len(retries) == 4, "\n".join(retries)
+    assert all("Retrying" in line and "cannot reach Ollama" in line for line in retries)
