@@ -27,10 +27,10 @@ from types import FrameType
 from typing import Any
 
 import httpx
-import psutil
 import sqlalchemy as sa
 from rich.console import Console
 
+from devstack.demo_ledger import Ledger, stop_group
 from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port, wait_for_port
 from devstack.postgres import LocalPostgres, PostgresError
@@ -43,7 +43,6 @@ DATABASE = "everyskill"
 # The fake's second model, for the README's switch example: a real model of the same size as
 # nomic-embed-text (768), so the switch needs no change to the column.
 SECOND_MODEL = "embeddinggemma"
-STATE_FILE = "demo.json"
 ENV_FILE = "demo.env"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 console = Console()
@@ -77,65 +76,6 @@ def ollama_answers(url: str) -> bool:
         return False
 
 
-class Ledger:
-    """.data/demo.json: this demo's pid and each process it started, so that the next demo can
-    stop what a killed one left behind. A pid is only trusted with its start time."""
-
-    def __init__(self, data: Path) -> None:
-        self.path = data / STATE_FILE
-        self.processes: dict[str, dict[str, float]] = {}
-
-    def begin(self) -> None:
-        self.processes = {}
-        self._write()
-
-    def add(self, name: str, pid: int) -> None:
-        self.processes[name] = {"pid": pid, "started": _started(pid)}
-        self._write()
-
-    def end(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def _write(self) -> None:
-        document = {
-            "demo": {"pid": os.getpid(), "started": _started(os.getpid())},
-            "processes": self.processes,
-        }
-        scratch = self.path.with_suffix(".tmp")
-        scratch.write_text(json.dumps(document, indent=2), encoding="utf-8")
-        scratch.replace(self.path)
-
-    def left_behind(self) -> tuple[psutil.Process | None, dict[str, psutil.Process]]:
-        """The demo that wrote the file if it still runs, and its processes still running."""
-        try:
-            document: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None, {}
-        alive = {
-            name: process
-            for name, entry in document.get("processes", {}).items()
-            if (process := _alive(entry)) is not None
-        }
-        return _alive(document.get("demo", {})), alive
-
-
-def _started(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return 0.0
-
-
-def _alive(entry: dict[str, Any]) -> psutil.Process | None:
-    try:
-        process = psutil.Process(int(entry["pid"]))
-        if process.create_time() == float(entry["started"]) and process.is_running():
-            return process
-    except (KeyError, TypeError, ValueError, psutil.Error):
-        pass
-    return None
-
-
 def clean_up(ledger: Ledger, pg: LocalPostgres) -> None:
     """Stop what an earlier demo, killed before it could, left running; say so in one line."""
     demo, left = ledger.left_behind()
@@ -145,26 +85,13 @@ def clean_up(ledger: Ledger, pg: LocalPostgres) -> None:
             f" (kill {demo.pid}), or give this one another --data"
         )
     # Last started, first stopped: a worker stopped after Redis would wait for its broker.
-    stopped = [name for name, process in reversed(left.items()) if _stop_group(process)]
+    stopped = [name for name, process in reversed(left.items()) if stop_group(process)]
     if pg.running():
         pg.stop()
         stopped.append("PostgreSQL")
     ledger.end()
     if stopped:
         say(f"Stopped what an earlier demo left running when it was killed: {', '.join(stopped)}")
-
-
-def _stop_group(process: psutil.Process) -> bool:
-    """SIGTERM to the process group it leads (a worker's pool with it), SIGKILL after 20 s."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(20)
-    except psutil.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, psutil.Error):
-        return False
-    return True
 
 
 def prepare_database(pg: LocalPostgres) -> None:
@@ -392,7 +319,7 @@ def serve(
     except Stopped as stop:
         # Stopping is how a serving demo ends: the stack's close is its work, not a failure.
         stack.close()
-        say(f"{stop}: stopped the worker, Flower, Redis and PostgreSQL")
+        say(f"{stop}: stopped everything the demo started")
         return returncode
     raise DemoError(f"the worker exited with status {worker.returncode}: see {worker_log}")
 
@@ -409,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args.data, args.once, args.flower_port, args.metrics_port)
     except Stopped as stop:
-        say(f"{stop}: stopped the worker, Flower, Redis and PostgreSQL")
+        say(f"{stop}: stopped everything the demo started")
         return 128 + stop.signum
     except (DemoError, PostgresError) as exc:
         say(f"[red]error: {exc}[/]")
