@@ -280,7 +280,6 @@ def serve(
     worker = start_process(worker_args, {**env, "METRICS_PORT": str(metrics_port)}, worker_log)
     stack.callback(stop_process, worker)
     ledger.add("the worker", worker.pid)
-    wait_for_log(worker_log, "ready.", worker, 60)
 
     password = secrets.token_urlsafe(9)
     flower_args = [sys.executable, "-m", "celery", "-A", "worker", "flower",
@@ -291,12 +290,14 @@ def serve(
     )
     stack.callback(stop_process, flower)
     ledger.add("Flower", flower.pid)
-    wait_for_port("127.0.0.1", flower_port, 30)
+    # Both start at once (each spends seconds importing); the backfill needs the worker alone.
+    wait_for_log(worker_log, "ready.", worker, 60)
 
     backfill = [sys.executable, "-m", "worker", "backfill", "--wait", "--timeout", "900"]
     say(f"Running the backfill: {shown(backfill)}")
     returncode = run_step(backfill, env, ledger, "the backfill")
     run_step([sys.executable, "-m", "worker", "status"], env, ledger, "status")
+    wait_for_port("127.0.0.1", flower_port, 30)
     console.print(
         f"Flower: [bold]http://127.0.0.1:{flower_port}[/]  login [bold]admin[/] /"
         f" [bold]{password}[/]",
