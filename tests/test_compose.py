@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -283,17 +284,24 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     assert users[-1] not in {"root", "0"}
 
 
-def test_docker_compose_accepts_the_file() -> None:
+@pytest.mark.parametrize("files", [(COMPOSE_FILE,), (COMPOSE_FILE, EXISTING_DB_FILE)])
+def test_docker_compose_accepts_the_file(files: tuple[Path, ...]) -> None:
     docker = shutil.which("docker")
     if docker is None:
         pytest.skip("docker client not installed")
     if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("docker compose plugin not installed")
+    env = {
+        **os.environ,
+        "OWNER_DATABASE_URL": "postgresql://owner:pw@db.example:5432/everyskill",
+        "WORKER_DATABASE_URL": "postgresql://everyskill_worker:pw@db.example:5432/everyskill",
+    }
     result = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        [docker, "compose", *(arg for f in files for arg in ("-f", str(f))), "config", "--quiet"],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
 
