@@ -320,7 +320,8 @@ def serve(
     except Stopped as stop:
         # Stopping is how a serving demo ends: the stack's close is its work, not a failure.
         stack.close()
-        say(f"{stop}: stopped everything the demo started")
+        with suppress(OSError):  # SIGHUP: the terminal may be gone
+            say(f"{stop}: stopped everything the demo started")
         return returncode
     raise DemoError(f"the worker exited with status {worker.returncode}: see {worker_log}")
 
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args.data, args.once, args.flower_port, args.metrics_port)
     except Stopped as stop:
-        say(f"{stop}: stopped everything the demo started")
+        with suppress(OSError):  # SIGHUP: the terminal may be gone
+            say(f"{stop}: stopped everything the demo started")
         return 128 + stop.signum
     except (DemoError, PostgresError) as exc:
         say(f"[red]error: {exc}[/]")
