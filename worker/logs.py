@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import redis
+from celery.app.trace import LOG_RETRY
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pythonjsonlogger.json import JsonFormatter
 
@@ -98,6 +99,14 @@ class _OneLineForBrokerOutages(logging.Filter):
         return True
 
 
+class _OursIsTheRetryLine(logging.Filter):
+    """Celery logs `Task ...[id] retry: Retry in 2s: ...` for each retry, after the job's own
+    `Retrying <skill> in 2.0 s: <reason>` said it with the reason an operator acts on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != LOG_RETRY
+
+
 def _broker_error(error: BaseException | None) -> bool:
     while error is not None:
         if isinstance(error, (redis.RedisError, KombuOperationalError, ConnectionError)):
@@ -107,10 +116,13 @@ def _broker_error(error: BaseException | None) -> bool:
 
 
 def quiet_libraries() -> None:
-    """httpx logs every request at INFO (a line per batch that says nothing ours does not);
-    the database pool's tracebacks for closed connections, and Celery's for acknowledgements
-    Redis did not take, become one line."""
+    """httpx logs every request at INFO (a line per batch that says nothing ours does not), and
+    Celery a retry our job has already logged; the database pool's tracebacks for closed
+    connections, and Celery's for acknowledgements Redis did not take, become one line."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    trace = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, _OursIsTheRetryLine) for f in trace.filters):
+        trace.addFilter(_OursIsTheRetryLine())
     # Filters do not pass down to child loggers: the pool logs under its class's name.
     pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
     if not any(isinstance(f, _OneLineForLostConnections) for f in pool.filters):
