@@ -225,7 +225,7 @@ def test_a_demo_killed_with_sigkill_is_cleaned_up_by_the_next_one(scenario: Scen
 
 def test_a_demo_started_after_a_model_switch_backfills_again(scenario: Scenario) -> None:
     assert SUMMARY.findall(scenario.second_log)[0] == ("160", "160", "0")
-    assert "refused" not in scenario.second_log
+    assert "Backfill refused" not in scenario.second_log
     assert "Traceback" not in scenario.second_log
 
 

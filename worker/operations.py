@@ -110,9 +110,8 @@ def describe_oldest_pending(oldest: failures.OldestPending | None) -> str:
 def describe_kept(kept: tuple[int, int], days: float) -> str:
     runs_kept, items = kept
     return (
-        f"Kept: {runs_kept} {'run' if runs_kept == 1 else 'runs'} with {items} items (each run"
-        f" keeps the skills it sent; finished runs go after RUN_RETENTION_DAYS={days:g} days,"
-        " the newest stays)"
+        f"Kept: {runs_kept} {'run' if runs_kept == 1 else 'runs'}, {items} items of skills they"
+        f" sent (finished runs go after RUN_RETENTION_DAYS={days:g}; the newest stays)"
     )
 
 
