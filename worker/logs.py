@@ -107,6 +107,19 @@ class _OursIsTheRetryLine(logging.Filter):
         return record.msg != LOG_RETRY
 
 
+class _OursIsTheRefusalLine(logging.Filter):
+    """Celery logs `Task ...[id] raised expected: BadArguments(...)` for a job whose arguments
+    do not fit, after its own `Refused ...` line gave the reason and where it was set aside."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = record.args
+        return not (
+            isinstance(context, dict)
+            and context.get("description") == "raised expected"
+            and str(context.get("exc", "")).startswith("BadArguments(")
+        )
+
+
 def _broker_error(error: BaseException | None) -> bool:
     while error is not None:
         if isinstance(error, (redis.RedisError, KombuOperationalError, ConnectionError)):
@@ -117,12 +130,14 @@ def _broker_error(error: BaseException | None) -> bool:
 
 def quiet_libraries() -> None:
     """httpx logs every request at INFO (a line per batch that says nothing ours does not), and
-    Celery a retry our job has already logged; the database pool's tracebacks for closed
-    connections, and Celery's for acknowledgements Redis did not take, become one line."""
+    Celery a retry or a refusal our job has already logged; the database pool's tracebacks for
+    closed connections, and Celery's for acknowledgements Redis did not take, become one
+    line."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
     trace = logging.getLogger("celery.app.trace")
     if not any(isinstance(f, _OursIsTheRetryLine) for f in trace.filters):
         trace.addFilter(_OursIsTheRetryLine())
+        trace.addFilter(_OursIsTheRefusalLine())
     # Filters do not pass down to child loggers: the pool logs under its class's name.
     pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
     if not any(isinstance(f, _OneLineForLostConnections) for f in pool.filters):
