@@ -180,7 +180,8 @@ def cold_starts(env: dict[str, str], work: Path, times: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.outage", description=__doc__)
-    parser.add_argument("--lengths", type=float, nargs="+", default=[5, 20, 60, 300])
+    parser.add_argument("--lengths", type=float, nargs="*", default=[5, 20, 60, 300],
+                        help="outage lengths in seconds (none: the cold starts only)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="outages of each length")
     parser.add_argument("--cold-starts", type=int, default=3)
     args = parser.parse_args(argv)
