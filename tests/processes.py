@@ -64,8 +64,7 @@ def celery(*args: str) -> list[str]:
 
 
 def start_worker(env: dict[str, str], log_path: Path, name: str = "test") -> Process:
+    # As the README starts it: no mingle or gossip flags, those are off by default.
     return Process(
-        celery("worker", "--loglevel=INFO", f"--hostname={name}@%h", "--without-mingle",
-               "--without-gossip"),
-        env, log_path,
-    ).start(ready="ready.")  # fmt: skip
+        celery("worker", "--loglevel=INFO", f"--hostname={name}@%h"), env, log_path
+    ).start(ready="ready.")

@@ -52,7 +52,16 @@ def configure_worker(app: Celery, settings: Settings) -> None:
         # A lost broker connection must not kill the job in flight: its batch's vectors are
         # written all the same, and its message comes back if it was not acknowledged.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_consumer="worker.consumer:EmbedderConsumer",
+        # Back within a second of Redis's return (worker.consumer), however long it was away:
+        # a worker waits for its broker rather than giving up after 100 attempts.
+        broker_connection_max_retries=None,
+        # Prefetch is 1: after a reconnect there is nothing to reduce, only a line to log.
+        worker_enable_prefetch_count_reduction=False,
+        worker_consumer=(
+            "worker.consumer:NeighbourlyConsumer"
+            if settings.worker_mingle_gossip
+            else "worker.consumer:EmbedderConsumer"
+        ),
         beat_schedule={
             "reconcile": {
                 "task": "tasks.reconcile",

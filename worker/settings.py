@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     health_dir: Path = Path(tempfile.gettempdir()) / "everyskill-embedder-health"
     heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Celery's mingle and gossip between workers: nothing here uses them (README).
+    worker_mingle_gossip: bool = False
 
     @field_validator("database_url")
     @classmethod
