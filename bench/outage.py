@@ -7,7 +7,7 @@ no other flag). For each outage length, each round: Redis is stopped, kept down 
 started again on the same port; the moment it accepts connections a publish is sent (the app's
 `enqueue_embed_skill`), and the bench times, from that moment,
 
-  - reconnected: the worker's `Connected to redis://...` line appearing in its log,
+  - reconnected: the worker's `Connected to ...` line appearing in its log,
   - embedded: the published skill's row in `skill_embeddings`,
 
 and counts in the worker's log for that round the tracebacks, the ERROR and WARNING lines,
@@ -42,7 +42,7 @@ from devstack.redis import LocalRedis
 from tasks.producer import enqueue_embed_skill
 
 WORKER = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO"]
-RECONNECTED = "Connected to redis://"
+RECONNECTED = "MainProcess] Connected to "
 
 
 class Worker:

@@ -27,7 +27,7 @@ RECOVERY = "0.5"
 CLAIM_FAILED = "Could not claim a batch of run"
 CATCH_UP_SKIPPED = "Catch-up reconcile skipped: Redis did not answer"
 CANNOT_REACH = "Cannot reach the broker at"
-CONNECTED = "Connected to redis://"
+CONNECTED = "MainProcess] Connected to "  # the broker, through the screened transport
 # Workers through the same outages: a traceback that comes in one worker process of three is
 # missed by all of them in (2/3)^10 < 2 % of runs.
 WORKERS = 10
