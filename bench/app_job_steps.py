@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from bench.app_lane import add_skills
 from bench.harness import Results
 from devstack import seed
 from devstack.seed import TENANT
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for owner, name, label in steps:
             timed(owner, name, label, timings)
-        skills = add_skills(s.engine, args.jobs + 10, "Step")
+        skills = seed.seed_catalog(s.engine, args.jobs + 10, drafts=False, label="Step")
         total = []
         for skill_id in skills:
             time.sleep(args.pause)

@@ -25,8 +25,7 @@ import time
 
 import sqlalchemy as sa
 
-from bench.catch_up import time_turns
-from bench.harness import Backfill, Results, console
+from bench.harness import Backfill, Results, catch_up_turns, console
 from bench.harness import backfill as timed_backfill
 from devstack import seed
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             results.add(f"{label}: {table} after both backfills, size", size["bytes"] / 2**20,
                         "MB")  # fmt: skip
         console.print("(d) catch-up turns")
-        turns = time_turns(s.database_url, s.redis_url, 3)
+        turns = catch_up_turns(s.database_url, s.redis_url, 3)
         results.add(f"{label}: catch-up turn, all current, best of 3", min(turns), "s")
     results.write()
     return 0

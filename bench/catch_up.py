@@ -11,14 +11,12 @@ queued jobs stay in Redis. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
 
 import redis as redis_lib
 import sqlalchemy as sa
 
-from bench.harness import Results
+from bench.harness import Results, catch_up_turns
 from devstack import seed
 from devstack.stack import stack
 
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         seed.drop_vector_index(s.engine)
         seed.seed_catalog(s.engine, args.skills, current=True)
         seed.analyze(s.engine)
-        current = time_turns(s.database_url, s.redis_url, args.rounds)
+        current = catch_up_turns(s.database_url, s.redis_url, args.rounds)
         with s.engine.begin() as connection:
             connection.execute(
                 sa.text(
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 {"n": args.stale},
             )
-        stale = time_turns(s.database_url, s.redis_url, 1)
+        stale = catch_up_turns(s.database_url, s.redis_url, 1)
         queued = redis_lib.Redis.from_url(s.redis_url).llen("embed_bulk")
     label = f"{args.skills:,} skills"
     results.add(f"{label}, all current: one turn, median", statistics.median(current), "s")
@@ -54,25 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     results.add(f"{label}, {args.stale} edited: jobs queued", queued, "jobs")
     results.write()
     return 0
-
-
-def time_turns(database_url: str, redis_url: str, rounds: int) -> list[float]:
-    os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
-    import worker.celery_app  # noqa: F401  (the app the tasks send through, on this Redis)
-    from tasks import runtime
-    from tasks.jobs import reconcile
-    from worker.catch_up import LOCK_NAME, CatchUp
-    from worker.settings import Settings
-
-    rt = runtime.install(Settings())
-    catch_up = CatchUp(rt.redis, reconcile, interval=60)
-    times = []
-    for _ in range(rounds):
-        rt.redis.delete(LOCK_NAME)  # a new interval: the turn is free
-        started = time.perf_counter()
-        assert catch_up.tick()
-        times.append(time.perf_counter() - started)
-    return times
 
 
 if __name__ == "__main__":

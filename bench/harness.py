@@ -487,3 +487,24 @@ def write_ceiling(engine: sa.Engine, count: int, batch: int = 32) -> dict[str, f
         "without_index_rows_per_s": rates["without"],
         "index_ms_per_row": 1000 / rates["with"] - 1000 / rates["without"],
     }
+
+
+def catch_up_turns(database_url: str, redis_url: str, rounds: int) -> list[float]:
+    """Seconds of each of `rounds` catch-up turns (`CatchUp.tick`: the Redis lock, the bulk
+    lane's check, `tasks.reconcile`), run in this process, each in a fresh interval."""
+    os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
+    import worker.celery_app  # noqa: F401  (the app the tasks send through, on this Redis)
+    from tasks import runtime
+    from tasks.jobs import reconcile
+    from worker.catch_up import LOCK_NAME, CatchUp
+    from worker.settings import Settings
+
+    rt = runtime.install(Settings())
+    catch_up = CatchUp(rt.redis, reconcile, interval=60)
+    times = []
+    for _ in range(rounds):
+        rt.redis.delete(LOCK_NAME)  # a new interval: the turn is free
+        started = time.perf_counter()
+        assert catch_up.tick()
+        times.append(time.perf_counter() - started)
+    return times

@@ -17,7 +17,6 @@ import argparse
 import statistics
 import time
 
-from bench.app_lane import add_skills
 from bench.harness import Results, RowWatch
 from devstack import seed
 from devstack.seed import TENANT
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         watch = RowWatch(s.database_url)
         publishes: list[tuple[float, float]] = []
         for _ in range(args.publishes + 5):  # the first five warm the connections
-            [skill_id] = add_skills(s.engine, 1, "Published")
+            [skill_id] = seed.seed_catalog(s.engine, 1, drafts=False, label="Published")
             time.sleep(args.pause)
             started = time.perf_counter()
             enqueue_embed_skill(skill_id, TENANT, broker_url=s.redis_url)

@@ -115,7 +115,9 @@ def run_configuration(s: Stack, workers: int, options: Options) -> dict[str, Any
         for i, fake in enumerate(fakes, start=1):
             env = s.env(fake.url, EMBED_BATCH_SIZE=str(options.batch_size))
             options_ = ["--without-mingle", "--without-gossip"]
-            started_workers.append(s.worker(env, name=f"w{i}", loglevel="INFO", options=options_))
+            started_workers.append(
+                s.worker(env, name=f"w{i}", hostname=f"w{i}@%h", loglevel="INFO", options=options_)
+            )
         time.sleep(1.0)  # let the workers' start-up CPU settle before the baseline
         timing, sampler, call_cpu = timed_run(s, started_workers, fakes, options)
         ollamas = describe_fakes(fakes, timing.seconds, timing.run, options)

@@ -39,7 +39,8 @@ CELERY = (sys.executable, "-m", "celery")
 
 
 class Worker:
-    """A `celery -A <app> worker` in a process group of its own, its output in a log file.
+    """A `celery -A <app> worker --loglevel=<loglevel> [options]` (as a user types it, plus
+    `--hostname` when given) in a process group of its own, its output in a log file.
 
     It counts as started once it consumes: its heartbeat file appears in its own HEALTH_DIR
     (the embedder's worker writes it from a consumer bootstep; bench.bare_app from
@@ -52,6 +53,7 @@ class Worker:
         *,
         app: str = "worker",
         name: str = "w1",
+        hostname: str | None = None,
         options: Sequence[str] = (),
         loglevel: str = "WARNING",
     ) -> None:
@@ -59,8 +61,9 @@ class Worker:
         self.log_path = log
         self.health = log.with_suffix(".health")
         self.env = {**env, "HEALTH_DIR": str(self.health)}
-        command = [*CELERY, "-A", app, "worker", f"--loglevel={loglevel}",
-                   f"--hostname={name}@%h", *options]  # fmt: skip
+        command = [*CELERY, "-A", app, "worker", f"--loglevel={loglevel}", *options]
+        if hostname is not None:
+            command.append(f"--hostname={hostname}")
         started = time.perf_counter()
         with log.open("ab") as output:
             self.process = subprocess.Popen(
@@ -156,10 +159,13 @@ class Stack:
 
     def env(self, ollama_url: str, **extra: str) -> dict[str, str]:
         """The environment of a worker (or a `celery call`, `python -m worker ...`) on this stack;
-        OLLAMA_* and EMBED_* of the caller's environment are left out."""
+        OLLAMA_* and EMBED_* of the caller's environment are left out. The worker's own catch-up
+        waits an hour (its first turn a quarter of that): a reconcile queuing the catalog's stale
+        skills in the middle of a measure is not what a bench measures (`extra` may set it)."""
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "EMBED_"))}
         return {**inherited, "DATABASE_URL": self.database_url, "REDIS_URL": self.redis.url,
-                "OLLAMA_URL": ollama_url, "PYTHONUNBUFFERED": "1", **extra}  # fmt: skip
+                "OLLAMA_URL": ollama_url, "PYTHONUNBUFFERED": "1",
+                "CATCH_UP_INTERVAL_SECONDS": "3600", **extra}  # fmt: skip
 
     def worker(
         self,
@@ -167,12 +173,14 @@ class Stack:
         *,
         app: str = "worker",
         name: str = "w1",
+        hostname: str | None = None,
         options: Sequence[str] = (),
         loglevel: str = "WARNING",
     ) -> Worker:
         """Start a worker and return once it consumes; it stops with the stack at the latest."""
         log = self.work / f"{name}-{len(self._workers)}.log"
-        started = Worker(env, log, app=app, name=name, options=options, loglevel=loglevel)
+        started = Worker(env, log, app=app, name=name, hostname=hostname, options=options,
+                         loglevel=loglevel)  # fmt: skip
         self._workers.append(started)
         return started
 
@@ -202,16 +210,19 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def stack(*, prefix: str = "stack-", keep: bool = False) -> Iterator[Stack]:
+def stack(
+    *, prefix: str = "stack-", keep: bool = False, durable_redis: bool = False
+) -> Iterator[Stack]:
     """PostgreSQL with a migrated database `bench`, and Redis, in a temporary directory; fake
-    Ollamas and workers started through the stack stop with it. `keep` leaves the directory
-    (logs) behind and says where."""
+    Ollamas and workers started through the stack stop with it. `durable_redis` gives Redis an
+    append-only file (a restart keeps what was queued); `keep` leaves the directory (logs)
+    behind and says where."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds as SIGINT does, so the servers come down with the block.
         previous = signal.signal(signal.SIGTERM, _terminated)
     postgres = LocalPostgres(work / "pg", durable=False)
-    server = LocalRedis()
+    server = LocalRedis(data_dir=work / "redis" if durable_redis else None)
     started: Stack | None = None
     try:
         postgres.start()
