@@ -21,7 +21,7 @@ from bench.harness import RESULTS, Results, console
 
 # Small enough for the whole set to take about ten minutes on the 2-core machine.
 SMALL: dict[str, str] = {
-    "throughput": "--sizes 100 300 1000 2000 --zero-cost-skills 1000",
+    "throughput": "--sizes 100 300 1000 3000 --zero-cost-skills 1000",
     "from_command": "--sizes 150 500 1000 --bare-jobs 500",
     "app_lane": "--publishes 10 --burst 200 --busy-skills 1000 --enqueues 500",
     "publish_steps": "--publishes 30",

@@ -27,7 +27,7 @@ def draw(results: Path, out: Path) -> None:
     cpu = [p for p in series if p["cost"] == "cpu"]
     zero = [p for p in series if p["cost"] == "zero"]
     sizes = [p["skills"] for p in cpu]
-    figure, axes = plt.subplots(figsize=(8, 4.8), dpi=110)
+    figure, axes = plt.subplots(figsize=(8, 5.6), dpi=110)
     axes.plot(sizes, [p["backfill_per_s"] for p in cpu], "o-", color="tab:blue",
               label="tasks.backfill, queued -> its summary")  # fmt: skip
     axes.plot(sizes, [p["drained_per_s"] for p in cpu], "o--", color="tab:blue", alpha=0.5,
@@ -47,6 +47,8 @@ def draw(results: Path, out: Path) -> None:
     cost = run["settings"]["cost_model_ms"]
     machine = run["machine"]
     axes.set_xscale("log")
+    axes.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    axes.minorticks_off()
     axes.set_xlabel("published skills in the catalog")
     axes.set_ylabel("skills embedded a second")
     axes.set_ylim(bottom=0)
@@ -57,7 +59,7 @@ def draw(results: Path, out: Path) -> None:
         fontsize=10,
     )
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
