@@ -19,6 +19,7 @@ Then the worker's RSS (main + pool). bench.chart draws (a), (b) and (c) against 
 from __future__ import annotations
 
 import argparse
+import os
 
 from bench.harness import Results, console, model_limit, sequential_loop, tree_rss_mb
 from bench.harness import backfill as timed_backfill
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                       batch_size=args.batch_size)  # fmt: skip
     phases = [(size, "cpu") for size in args.sizes]
     phases += [(args.zero_cost_skills, "zero")] if args.zero_cost_skills else []
-    series: list[dict[str, float | str]] = []
+    series: list[dict[str, float | str]] = []  # one point a phase, with the load at its end
     with stack(prefix="bench-throughput-") as s:
         fakes = {"cpu": s.fake(args.request_ms, args.input_ms), "zero": s.fake()}
         env = s.env(fakes["cpu"].url, EMBED_BATCH_SIZE=str(args.batch_size))
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             results.add(f"{label}: Ollama inputs", stats["inputs"], "inputs")
             series.append({"cost": cost, "skills": count, "seed_loop_per_s": count / loop_s,
                            "backfill_per_s": rate, "drained_per_s": count / run.drained_s,
-                           "model_limit_per_s": limit or 0.0})  # fmt: skip
+                           "model_limit_per_s": limit or 0.0,
+                           "load": os.getloadavg()[0]})  # fmt: skip
         results.add("worker RSS (main + pool), after the runs", tree_rss_mb(worker.pid), "MB")
     results.details["series"] = series
     results.write()

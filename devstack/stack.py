@@ -77,6 +77,7 @@ class Worker:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-3000:]}")
             if time.perf_counter() - started > timeout:
+                self.stop()
                 raise RuntimeError(f"worker {self.name} not consuming:\n{self.log()[-3000:]}")
             time.sleep(0.005)
         return time.perf_counter() - started
