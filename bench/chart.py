@@ -34,6 +34,11 @@ def draw(results: Path, out: Path) -> None:
               label="... to its last job confirmed")  # fmt: skip
     axes.plot(sizes, [p["seed_loop_per_s"] for p in cpu], "s-", color="tab:orange",
               label="the seed's loop (one request, one commit a skill)")  # fmt: skip
+    for point in cpu:
+        if "load" in point:  # the machine's load when the point was taken: a shared machine
+            axes.annotate(f"load {point['load']:.1f}", (point["skills"], point["backfill_per_s"]),
+                          textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7,
+                          color="grey")  # fmt: skip
     limit = max(p["model_limit_per_s"] for p in cpu) if cpu else 0.0
     if limit:
         axes.axhline(limit, color="tab:red", linestyle=":",
