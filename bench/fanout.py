@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             sizes.append(run_size(s, fake.url, size, args.tenants))
     for result in sizes:
         c, label = result.child, f"{result.child.skills:,} skills"
+        results.add(f"{label}: seeding over {result.tenants} tenants", result.seed_s, "s")
         results.add(f"{label}: RSS before", c.baseline_rss_mb, "MB")
         results.add(f"{label}: RSS at the first message", c.first_publish_rss_mb, "MB")
         results.add(f"{label}: peak RSS", c.peak_rss_mb, "MB", target="< 150 MB")
@@ -269,10 +270,14 @@ def main(argv: list[str] | None = None) -> None:
         results.add(f"{label}: preparing (preflight, run, items)", c.prepare_s, "s")
         results.add(f"{label}: ... of which INSERT ... SELECT", c.insert_select_s, "s")
         results.add(f"{label}: queuing", c.publish_s, "s")
+        results.add(f"{label}: last message -> return (the run marked fanned out)", c.finish_s,
+                    "s")  # fmt: skip
         results.add(f"{label}: from start to return", c.total_s, "s")
         results.add(f"{label}: queued", c.messages_per_s, "messages/s")
         results.add(f"{label}: messages in Redis", result.redis_llen, "messages")
         results.add(f"{label}: run items", result.run_items, "items")
+        deciles = " ".join(f"{mb:.0f}" for mb in c.rss_by_decile_mb)
+        console.print(f"{label}, peak RSS (MB) in each 10% of the messages: {deciles}")
         if result.redis_llen != c.queued:
             console.print(f"warning: LLEN {QUEUE} = {result.redis_llen}, expected {c.queued}")
     results.details["sizes"] = [asdict(result) for result in sizes]

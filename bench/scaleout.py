@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             results.add(f"{fake}, requests", o["requests"], "requests")
             results.add(f"{fake}, most requests at once", o["max_concurrent"], "requests")
             results.add(f"{fake}, share of the inputs", 100 * o["share"], "%")
+            results.add(f"{fake}, slot busy over the whole measure", o["slot_busy_pct"], "%")
             results.add(f"{fake}, slot busy over the run", o["slot_busy_run_pct"], "%")
         for name, w in c["per_worker"].items():
             results.add(f"{n}: {name} logged skills embedded", w["skills_logged_embedded"],
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             if per is not None:
                 results.add(f"{n}: CPU per 1,000 skills, {component}", per, "s")
         results.add(f"{n}: CPU, workers (main + pool)", cpu["workers_total_s"], "s")
+        results.add(f"{n}: machine busy", cpu["machine_busy_s"], "CPU-s")
         results.add(f"{n}: machine CPU, mean", cpu["machine_pct"], "%",
                     limit=("capacity", cpu["capacity_pct"]))  # fmt: skip
         results.add(f"{n}: machine CPU, p90", cpu["machine_pct_p90"], "%")
@@ -425,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         results.add(f"{n}: steal", cpu["steal_pct"], "%")
     results.details["configs"] = configs
     results.details["speedup_lines"] = speedup_lines(configs)
+    for c in configs:
+        url = c["site_settings_ollama_url"]
+        pinned = next((o["ollama"] for o in c["ollamas"] if o["url"] == url), None)
+        console.print(f"{c['workers']} worker(s): site_settings.ollama_url after the run = {url}"
+                      + (f" (Ollama {pinned})" if pinned else ""))  # fmt: skip
     for line in [*(f"{c['workers']} worker(s): {c['limit']}" for c in configs),
                  *results.details["speedup_lines"]]:  # fmt: skip
         console.print(f"[bold]{line}")
