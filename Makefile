@@ -25,8 +25,8 @@ lint: $(STAMP) ## ruff and mypy --strict
 demo: $(STAMP) ## embedded PostgreSQL + Redis + worker + Flower, sample catalog, live backfill (ONCE=1 exits after it)
 	$(PY) -m devstack.demo $(if $(ONCE),--once,)
 
-bench: $(STAMP) ## throughput and latency figures (see bench/README.md)
-	$(PY) -m bench.throughput
+bench: $(STAMP) ## every bench at small sizes (~10-15 min), bench/results/*.json and a chart (see bench/README.md)
+	$(PY) -m bench
 
 up: ## the real stack: PostgreSQL, Redis, Ollama, worker, beat, Flower
 	docker compose up -d --build

@@ -1,4 +1,4 @@
-"""Where a lone app job's time goes, step by step, in the process that runs it.
+"""Where does a lone app job's time go, step by step, in the process that runs it?
 
 `python -m bench.app_job_steps` runs `tasks.app_lane.embed_app_job` (what `tasks.embed_skill`
 does for a job from the app) in this process against a throwaway PostgreSQL, Redis and a fake
@@ -17,25 +17,16 @@ import argparse
 import functools
 import os
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+from bench.harness import Results
+from devstack import seed
+from devstack.seed import TENANT
+from devstack.stack import stack
 
-from bench.app_lane import add_skills
-from bench.throughput import TENANT, psycopg_url, seed_catalog
-from db import migrate
-from db.session import make_engine
-from devstack.fake_process import FakeOllamaProcess
-from devstack.postgres import LocalPostgres
-from devstack.redis import LocalRedis
-
-console = Console()
 Timings = dict[str, list[float]]
 
 
@@ -61,15 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         "--pause", type=float, default=0.05, help="seconds between jobs (bench.app_lane's)"
     )
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench-steps-"))
-    pg = LocalPostgres(work / "pg", durable=False).start()
-    redis = LocalRedis().start()
-    fake = FakeOllamaProcess(7.5, 4.3, work / "fake.log")
-    try:
-        engine = make_engine(psycopg_url(pg.url()))
-        migrate.upgrade(engine)
-        seed_catalog(engine, 0, fake.url)
-        os.environ.update(DATABASE_URL=pg.url(), REDIS_URL=redis.url, OLLAMA_URL=fake.url)
+    results = Results("app_job_steps", jobs=args.jobs, pause_s=args.pause)
+    with stack(prefix="bench-steps-") as s:
+        fake = s.fake(7.5, 4.3)
+        seed.add_tenants(s.engine, ollama_url=fake.url)
+        os.environ.update(s.env(fake.url))
         from db import job_statements
         from tasks import app_lane, runtime
         from tasks.embedding import EmbedRequest
@@ -90,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for owner, name, label in steps:
             timed(owner, name, label, timings)
-        skills = add_skills(engine, args.jobs + 10, "Step")
+        skills = seed.seed_catalog(s.engine, args.jobs + 10, drafts=False, label="Step")
         total = []
         for skill_id in skills:
             time.sleep(args.pause)
@@ -98,19 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             # A job id, as Celery gives one: the job looks for its mark and reserves its skill.
             app_lane.embed_app_job(rt, EmbedRequest(skill_id, TENANT), str(uuid.uuid4()))
             total.append(time.perf_counter() - started)
-        engine.dispose()
-    finally:
-        fake.stop()
-        redis.stop()
-        pg.destroy()
-    table = Table(title=f"A lone app job, p50 of {args.jobs} (after 10 to warm up)")
-    table.add_column("step")
-    table.add_column("ms", justify="right")
     rows = [("the job (embed_app_job)", total), *((label, timings[label]) for *_, label in steps)]
     for label, seconds in rows:
-        table.add_row(label, f"{statistics.median(seconds[10:]) * 1000:.2f}")
-    table.add_row("model cost", f"{7.5 + 4.3:.2f}")
-    console.print(table)
+        results.add(f"{label.strip()}, p50", statistics.median(seconds[10:]) * 1000, "ms")
+    results.add("the model's cost", 7.5 + 4.3, "ms")
+    results.write()
     return 0
 
 

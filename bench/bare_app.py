@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from pathlib import Path
+from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 app = Celery("bare", broker=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
 app.conf.update(
@@ -28,6 +30,14 @@ app.conf.update(
     task_track_started=True,
     task_default_queue="bare",
 )
+
+
+@signals.worker_ready.connect(weak=False)
+def _consuming(**_: Any) -> None:
+    """A heartbeat file, as the embedder's worker writes: devstack.stack waits for it."""
+    if directory := os.environ.get("HEALTH_DIR"):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "bare.heartbeat").touch()
 
 
 @app.task(name="bare.noop", ignore_result=True, acks_late=True)

@@ -1,86 +1,34 @@
-"""Memory and enqueue time of `tasks.backfill` fanning out N skills (numbers, not assertions).
+"""Does `tasks.backfill` queue N skills' jobs in flat memory, and how fast?
 
-`python -m bench.fanout [--skills 10000 100000] [--tenants 2]` starts a throwaway PostgreSQL,
-Redis and fake Ollama, seeds N published skills in SQL, then runs `start_backfill` in a child
+`python -m bench.fanout [--skills 10000 100000] [--tenants 2]` starts a throwaway stack, seeds
+N published skills in SQL (a fresh database per size), then runs `start_backfill` in a child
 process (no worker, so every message stays in Redis) while a thread samples the child's RSS
-every 20 ms. It prints a table and writes bench/results/fanout.json. See bench/README.md.
+every 20 ms. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from devstack.postgres import LocalPostgres
+    from devstack.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results" / "fanout.json"
-DEFAULT_TENANT = "default-tenant-000-0000-000000000000"
 QUEUE = "embed_bulk"  # tasks.queues.BULK; kombu's redis transport keeps it as a list of this name
 SAMPLE_SECONDS = 0.02
 MB = 1024 * 1024
-
-# Words for names and descriptions of realistic length (names ~35-60, descriptions ~300 chars).
-_VERBS = ["Review", "Draft", "Migrate", "Audit", "Debug", "Plan", "Summarise", "Refactor"]
-_TOPICS = [
-    "Kubernetes rollout", "quarterly OKR", "PostgreSQL index", "incident postmortem",
-    "customer onboarding", "React component", "GDPR data request", "Terraform module",
-    "sales pipeline", "API rate limit", "release notes", "on-call handover",
-]  # fmt: skip
-_THINGS = ["checklist", "playbook", "assistant", "template", "guide", "reviewer"]
-_SENTENCES = [
-    "Walks through each step with the questions a senior engineer would ask.",
-    "Produces a short summary, a list of risks and the owners who should sign off.",
-    "Reads the attached context first and refuses to guess when something is missing.",
-    "Formats the result as Markdown with headings the team already uses in its wiki.",
-    "Flags anything that touches production data, billing or personal information.",
-    "Keeps the tone neutral and cites the source of every number it reports.",
-]
-
-
-def _sql_array(words: list[str]) -> str:
-    return "ARRAY[" + ", ".join("'" + word.replace("'", "''") + "'" for word in words) + "]"
-
-
-SEED_SKILLS_SQL = f"""
-    INSERT INTO skills (id, tenant_id, name, description, status, visibility)
-    SELECT
-        md5('bench-skill-' || i)::uuid::text,
-        (CAST(:tenants AS text[]))[1 + i % :tenant_count],
-        ({_sql_array(_VERBS)})[1 + i % {len(_VERBS)}] || ' ' ||
-            ({_sql_array(_TOPICS)})[1 + (i / 7) % {len(_TOPICS)}] || ' ' ||
-            ({_sql_array(_THINGS)})[1 + (i / 3) % {len(_THINGS)}] || ' #' || i,
-        ({_sql_array(_SENTENCES)})[1 + i % {len(_SENTENCES)}] || ' ' ||
-            ({_sql_array(_SENTENCES)})[1 + (i / 5) % {len(_SENTENCES)}] || ' ' ||
-            ({_sql_array(_SENTENCES)})[1 + (i / 11) % {len(_SENTENCES)}] || ' ' ||
-            ({_sql_array(_SENTENCES)})[1 + (i / 13) % {len(_SENTENCES)}] || ' Variant ' || i || '.',
-        'published',
-        'tenant'
-    FROM generate_series(1, :count) AS i
-"""
-
-
-def tenant_ids(count: int) -> list[str]:
-    return [DEFAULT_TENANT] + [f"bench-tenant-{n:03d}-0000-000000000000" for n in range(1, count)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,7 +183,7 @@ def run_child(out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# The parent: throwaway servers, one fresh database per size, the child, the checks.
+# The parent: the stack, one fresh database per size, the child.
 
 
 @dataclass
@@ -247,174 +195,37 @@ class SizeResult:
     run_items: int
 
 
-def _engine(url: str) -> Engine:
-    from db.session import make_engine
-    from worker.settings import normalise_database_url
-
-    return make_engine(normalise_database_url(url))
-
-
-def prepare_database(
-    server: LocalPostgres, name: str, skills: int, tenants: list[str], ollama: str
-) -> float:
-    """A fresh migrated database with the tenants, their settings and `skills` skills."""
-    from sqlalchemy import text
-
-    from db import migrate
-
-    server.psql(f"CREATE DATABASE {name}")
-    engine = _engine(server.url(database=name))
-    try:
-        migrate.upgrade(engine)
-        started = time.monotonic()
-        with engine.begin() as connection:
-            for tenant in tenants:
-                connection.execute(
-                    text("INSERT INTO tenants (id, name, slug) VALUES (:id, :name, :slug)"),
-                    {"id": tenant, "name": f"Bench {tenant[:18]}", "slug": tenant},
-                )
-                connection.execute(
-                    text(
-                        "INSERT INTO site_settings (id, tenant_id, semantic_similarity_enabled,"
-                        " ollama_url) VALUES (:id, :tenant, true, :url)"
-                    ),
-                    {"id": f"settings-{tenant}", "tenant": tenant, "url": ollama},
-                )
-            connection.execute(
-                text(SEED_SKILLS_SQL),
-                {"tenants": tenants, "tenant_count": len(tenants), "count": skills},
-            )
-        with engine.begin() as connection:
-            connection.execute(text("ANALYZE"))
-        return time.monotonic() - started
-    finally:
-        engine.dispose()
-
-
-def count_run_items(server: LocalPostgres, name: str) -> int:
-    return int(server.psql("SELECT count(*) FROM embedding_run_items", database=name).strip())
-
-
-def run_size(
-    server: LocalPostgres,
-    redis_url: str,
-    ollama_url: str,
-    skills: int,
-    tenant_count: int,
-    work: Path,
-) -> SizeResult:
+def run_size(s: Stack, ollama_url: str, skills: int, tenant_count: int) -> SizeResult:
     import redis
 
+    from devstack import seed
+    from devstack.stack import engine_for
+
     name = f"bench_fanout_{skills}"
-    tenants = tenant_ids(tenant_count)
-    client = redis.Redis.from_url(redis_url)
+    tenants = seed.tenant_ids(tenant_count)
+    client = redis.Redis.from_url(s.redis_url)
     try:
         client.flushall()
-        seed_s = prepare_database(server, name, skills, tenants, ollama_url)
-        out = work / f"child-{skills}.json"
-        env = {
-            **os.environ,
-            "DATABASE_URL": server.url(database=name),
-            "REDIS_URL": redis_url,
-            "OLLAMA_URL": ollama_url,
-            "DEFAULT_TENANT_ID": DEFAULT_TENANT,
-        }
-        subprocess.run(
-            [sys.executable, "-m", "bench.fanout", "--child", "--out", str(out)],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            timeout=1800,
-        )
-        child = ChildResult(**json.loads(out.read_text()))
-        return SizeResult(
-            child=child,
-            tenants=tenant_count,
-            seed_s=round(seed_s, 2),
-            redis_llen=int(client.llen(QUEUE)),
-            run_items=count_run_items(server, name),
-        )
+        url = s.database(name)
+        engine = engine_for(url)
+        started = time.monotonic()
+        seed.add_tenants(engine, tenants, ollama_url=ollama_url)
+        seed.seed_catalog(engine, skills, tenants, drafts=False)
+        seed.analyze(engine)
+        seed_s = time.monotonic() - started
+        engine.dispose()
+        out = s.work / f"child-{skills}.json"
+        env = s.env(ollama_url, DATABASE_URL=url, DEFAULT_TENANT_ID=seed.TENANT)
+        subprocess.run([sys.executable, "-m", "bench.fanout", "--child", "--out", str(out)],
+                       cwd=ROOT, env=env, check=True, timeout=1800)  # fmt: skip
+        items = s.postgres.psql("SELECT count(*) FROM embedding_run_items", database=name)
+        return SizeResult(child=ChildResult(**json.loads(out.read_text())), tenants=tenant_count,
+                          seed_s=round(seed_s, 2), redis_llen=int(client.llen(QUEUE)),
+                          run_items=int(items.strip()))  # fmt: skip
     finally:
         client.flushall()
         client.close()
-        server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def print_table(results: list[SizeResult]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="tasks.backfill fan-out (child process RSS, MB)")
-    for column in (
-        "skills", "base", "1st pub", "peak", "end", "growth", "prep s", "ins s", "pub s",
-        "tot s", "msg/s", "LLEN", "items",
-    ):  # fmt: skip
-        table.add_column(column, justify="right")
-    for result in results:
-        c = result.child
-        table.add_row(
-            f"{c.skills:,}", f"{c.baseline_rss_mb:.1f}", f"{c.first_publish_rss_mb:.1f}",
-            f"{c.peak_rss_mb:.1f}", f"{c.end_rss_mb:.1f}", f"{c.publish_growth_mb:+.1f}",
-            f"{c.prepare_s:.2f}", f"{c.insert_select_s:.2f}", f"{c.publish_s:.2f}",
-            f"{c.total_s:.2f}",
-            f"{c.messages_per_s:,.0f}", f"{result.redis_llen:,}", f"{result.run_items:,}",
-        )  # fmt: skip
-    console = Console(width=max(Console().width, 120))
-    console.print(table)
-    for result in results:
-        deciles = " ".join(f"{mb:.0f}" for mb in result.child.rss_by_decile_mb)
-        console.print(f"{result.child.skills:>7,} skills, peak RSS per 10% of messages: {deciles}")
-
-
-def run_parent(sizes: list[int], tenant_count: int) -> list[SizeResult]:
-    from devstack.fake_ollama import FakeOllama
-    from devstack.postgres import LocalPostgres
-    from devstack.redis import LocalRedis
-
-    work = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
-    server: LocalPostgres | None = None
-    broker: LocalRedis | None = None
-    fake: FakeOllama | None = None
-    try:
-        server = LocalPostgres(work / "pgdata", durable=False).start()
-        broker = LocalRedis().start()
-        fake = FakeOllama().start()
-        results = []
-        for size in sizes:
-            print(f"fan-out of {size:,} skills over {tenant_count} tenants ...", flush=True)
-            results.append(run_size(server, broker.url, fake.url, size, tenant_count, work))
-        return results
-    finally:
-        if fake is not None:
-            fake.stop()
-        if broker is not None:
-            broker.stop()
-        if server is not None:
-            server.destroy()
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def write_results(results: list[SizeResult]) -> Path:
-    import psutil
-
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "sample_interval_s": SAMPLE_SECONDS,
-        "results": [asdict(result) for result in results],
-    }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    return RESULTS
-
-
-def _interrupted(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+        s.drop_database(name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -437,19 +248,40 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.tenants < 1 or any(size < 1 for size in args.sizes):
         parser.error("--skills and --tenants must be at least 1")
-    # SIGTERM (and SIGINT, even where a shell ignores it) unwinds, so the servers come down.
-    signal.signal(signal.SIGTERM, _interrupted)
-    signal.signal(signal.SIGINT, _interrupted)
-    try:
-        results = run_parent(args.sizes, args.tenants)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'SIGINT'}); servers stopped, nothing written", file=sys.stderr)
-        raise SystemExit(130) from None
-    print_table(results)
-    for result in results:
-        if result.redis_llen != result.child.queued:
-            print(f"warning: LLEN {QUEUE} = {result.redis_llen}, expected {result.child.queued}")
-    print(f"results written to {write_results(results).relative_to(ROOT)}")
+    from bench.harness import Results, console
+    from devstack.stack import stack
+
+    results = Results("fanout", sizes=args.sizes, tenants=args.tenants,
+                      sample_interval_s=SAMPLE_SECONDS)  # fmt: skip
+    sizes: list[SizeResult] = []
+    with stack(prefix="bench-fanout-") as s:
+        fake = s.fake()
+        for size in args.sizes:
+            console.print(f"fan-out of {size:,} skills over {args.tenants} tenants")
+            sizes.append(run_size(s, fake.url, size, args.tenants))
+    for result in sizes:
+        c, label = result.child, f"{result.child.skills:,} skills"
+        results.add(f"{label}: seeding over {result.tenants} tenants", result.seed_s, "s")
+        results.add(f"{label}: RSS before", c.baseline_rss_mb, "MB")
+        results.add(f"{label}: RSS at the first message", c.first_publish_rss_mb, "MB")
+        results.add(f"{label}: peak RSS", c.peak_rss_mb, "MB", target="< 150 MB")
+        results.add(f"{label}: RSS at the end", c.end_rss_mb, "MB")
+        results.add(f"{label}: growth while queuing", c.publish_growth_mb, "MB", target="flat")
+        results.add(f"{label}: preparing (preflight, run, items)", c.prepare_s, "s")
+        results.add(f"{label}: ... of which INSERT ... SELECT", c.insert_select_s, "s")
+        results.add(f"{label}: queuing", c.publish_s, "s")
+        results.add(f"{label}: last message -> return (the run marked fanned out)", c.finish_s,
+                    "s")  # fmt: skip
+        results.add(f"{label}: from start to return", c.total_s, "s")
+        results.add(f"{label}: queued", c.messages_per_s, "messages/s")
+        results.add(f"{label}: messages in Redis", result.redis_llen, "messages")
+        results.add(f"{label}: run items", result.run_items, "items")
+        deciles = " ".join(f"{mb:.0f}" for mb in c.rss_by_decile_mb)
+        console.print(f"{label}, peak RSS (MB) in each 10% of the messages: {deciles}")
+        if result.redis_llen != c.queued:
+            console.print(f"warning: LLEN {QUEUE} = {result.redis_llen}, expected {c.queued}")
+    results.details["sizes"] = [asdict(result) for result in sizes]
+    results.write()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Where a lone publish's time goes, step by step, across the processes it crosses.
+"""Where does a lone publish's time go, step by step, across the processes it crosses?
 
 `python -m bench.publish_steps` starts a throwaway stack (PostgreSQL, Redis, a fake Ollama in
 its own process at 7.5 ms per request + 4.3 ms per input) and `celery -A bench.traced_worker
@@ -14,26 +14,15 @@ step is printed; the steps' p50s need not add up to the total's.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from bench.app_lane import RowWatch, add_skills
-from bench.from_command import start_worker, stop
-from bench.throughput import TENANT, psycopg_url, seed_catalog
-from db import migrate
-from db.session import make_engine
-from devstack.fake_process import FakeOllamaProcess
-from devstack.postgres import LocalPostgres
-from devstack.redis import LocalRedis
+from bench.harness import Results, RowWatch
+from devstack import seed
+from devstack.seed import TENANT
+from devstack.stack import stack
 from tasks.producer import enqueue_embed_skill
 
-console = Console()
 STEPS = (
     ("enqueued", "received", "enqueue_embed_skill until the worker has the message"),
     ("received", "prerun", "Celery: the main process hands the job to the pool process"),
@@ -50,40 +39,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publishes", type=int, default=100)
     parser.add_argument("--pause", type=float, default=0.05)
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench-publish-steps-"))
-    pg = LocalPostgres(work / "pg", durable=False).start()
-    redis = LocalRedis().start()
-    fake = FakeOllamaProcess(7.5, 4.3, work / "fake.log")
-    log = work / "steps"
-    try:
-        engine = make_engine(psycopg_url(pg.url()))
-        migrate.upgrade(engine)
-        seed_catalog(engine, 0, fake.url)
-        env = {**os.environ, "DATABASE_URL": pg.url(), "REDIS_URL": redis.url,
-               "OLLAMA_URL": fake.url, "STEPS_LOG": str(log)}  # fmt: skip
-        worker, _ = start_worker(["-A", "bench.traced_worker", "worker"], env, work / "w.log",
-                                 work / "health")  # fmt: skip
-        watch = RowWatch(pg.url())
+    results = Results("publish_steps", publishes=args.publishes, pause_s=args.pause)
+    with stack(prefix="bench-publish-steps-") as s:
+        fake = s.fake(7.5, 4.3)
+        seed.add_tenants(s.engine, ollama_url=fake.url)
+        log = s.work / "steps"
+        worker = s.worker(s.env(fake.url, STEPS_LOG=str(log)), app="bench.traced_worker")
+        watch = RowWatch(s.database_url)
         publishes: list[tuple[float, float]] = []
         for _ in range(args.publishes + 5):  # the first five warm the connections
-            [skill_id] = add_skills(engine, 1, "Published")
+            [skill_id] = seed.seed_catalog(s.engine, 1, drafts=False, label="Published")
             time.sleep(args.pause)
             started = time.perf_counter()
-            enqueue_embed_skill(skill_id, TENANT, broker_url=redis.url)
+            enqueue_embed_skill(skill_id, TENANT, broker_url=s.redis_url)
             watch.wait([skill_id])
             publishes.append((started, time.perf_counter()))
-        stop(worker)
+        worker.stop()
         watch.close()
-        engine.dispose()
-    finally:
-        fake.stop()
-        redis.stop()
-        pg.destroy()
-    marks = sorted(
-        (float(at), step)
-        for path in work.glob("steps.*")
-        for at, step in (line.split() for line in path.read_text().splitlines())
-    )
+        marks = sorted(
+            (float(at), step)
+            for path in s.work.glob("steps.*")
+            for at, step in (line.split() for line in path.read_text().splitlines())
+        )
     seconds: dict[tuple[str, str], list[float]] = {}
     for started, row in publishes[5:]:
         at = {"enqueued": started, "row": row}
@@ -93,13 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         for begin, end, _ in STEPS:
             if begin in at and end in at:
                 seconds.setdefault((begin, end), []).append(at[end] - at[begin])
-    table = Table(title=f"A lone publish on an idle worker, p50 of {args.publishes}")
-    table.add_column("step")
-    table.add_column("ms", justify="right")
     for begin, end, label in STEPS:
         values = seconds.get((begin, end))
-        table.add_row(label, f"{statistics.median(values) * 1000:.2f}" if values else "-")
-    console.print(table)
+        if values:
+            results.add(f"{label}, p50", statistics.median(values) * 1000, "ms")
+    results.write()
     return 0
 
 

@@ -1,308 +1,60 @@
-"""Backfill scale-out: 1 worker + 1 Ollama against N workers + N Ollamas, with measured CPU.
+"""Does a backfill go faster with N workers + N Ollamas than with one of each, and what limits
+the speed-up, from measured CPU?
 
-`python -m bench.scaleout` starts a throwaway PostgreSQL, Redis and one fake Ollama per worker
-(each in a process of its own, so that the bench is not what it measures; default cost 7.5 ms
-per request + 4.3 ms per input, all-MiniLM-L6-v2 on a 2-core CPU), seeds --skills published
-skills in the default tenant without pinning its site_settings.ollama_url, then for each
---workers count N:
+`python -m bench.scaleout` starts a throwaway stack and one fake Ollama per worker (each in a
+process of its own, so that the bench is not what it measures; default cost 7.5 ms per request
++ 4.3 ms per input, all-MiniLM-L6-v2 on a 2-core CPU), seeds --skills published skills in the
+default tenant without pinning its site_settings.ollama_url, then for each --workers count N:
 
   * starts N real `celery -A worker worker` processes, worker i with OLLAMA_URL = fake i;
   * runs `celery -A worker call tasks.backfill` over a fresh run and times it from the call
-    to the run's summary line (`Done. Embedded X/Y skills. Z failures.`);
+    to the run's summary;
   * reports each fake's inputs, requests, most concurrent requests and share of the inputs;
   * samples CPU every 100 ms: the machine, each worker's main and pool processes, PostgreSQL,
     Redis, each fake, this process (the harness) and the `celery call`, and says what limits
-    the speed-up.
-
-Results print as tables and go to bench/results/scaleout.json. See bench/README.md.
+    the speed-up. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
-import json
 import os
-import platform
 import re
 import resource
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import psutil
-import redis
 import sqlalchemy as sa
-from rich.console import Console
-from rich.table import Table
 
-from bench.fanout import SEED_SKILLS_SQL
-from bench.throughput import RESULTS, TENANT, clear_embeddings, psycopg_url
-from db import migrate
-from db.session import make_engine
+from bench.harness import CORES, CpuSampler, Results, console, percentile
+from bench.harness import backfill as timed_backfill
+from devstack import seed
 from devstack.fake_process import FakeOllamaProcess
-from devstack.postgres import LocalPostgres
-from devstack.redis import LocalRedis
+from devstack.seed import TENANT
+from devstack.stack import Stack, Worker, stack
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_SECONDS = 0.1  # CPU samples
-POLL_SECONDS = 0.05  # looking for the summary line in the workers' logs
-DB_POLL_SECONDS = 0.5  # looking for embedding_runs.finished_at
-SUMMARY = re.compile(rb"Done\. Embedded (\d+)/(\d+) skills\. (\d+) failures\.")
+POLL_SECONDS = 0.05  # looking for the run's end: light, so the harness is not what is measured
 APP_DEFAULT_OLLAMA_URL = "http://localhost:11434"  # site_settings.ollama_url's column default
-CORES = os.cpu_count() or 1
-console = Console(width=max(Console().width, 150))
-
-
-def celery(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker", *args]
-
-
-# ------------------------------------------------------------------------------------------
-# Workers
-
-
-class Worker:
-    """One `celery -A worker worker` in its own process group, its output in a log file."""
-
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.env = env
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> Worker:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                celery(
-                    "worker", "--loglevel=INFO", f"--hostname={self.name}@%h",
-                    "--without-mingle", "--without-gossip",
-                ),
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        return self
-
-    def log(self) -> bytes:
-        return self.log_path.read_bytes() if self.log_path.exists() else b""
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while b"ready." not in self.log():
-            if self.process is not None and self.process.poll() is not None:
-                tail = self.log()[-3000:].decode(errors="replace")
-                raise RuntimeError(
-                    f"worker {self.name} exited ({self.process.returncode}):\n{tail}"
-                )
-            if time.monotonic() > deadline:
-                tail = self.log()[-3000:].decode(errors="replace")
-                raise RuntimeError(f"worker {self.name} not ready in {timeout:.0f} s:\n{tail}")
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group (warm shutdown), SIGKILL it after `timeout`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-class LogTail:
-    """Reads only what the workers' logs gained since the last look, for the summary line."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self.offsets = {path: path.stat().st_size if path.exists() else 0 for path in paths}
-        self.partial = dict.fromkeys(paths, b"")
-
-    def summary(self) -> tuple[int, int, int] | None:
-        for path, offset in self.offsets.items():
-            with path.open("rb") as log:
-                log.seek(offset)
-                data = log.read()
-            self.offsets[path] = offset + len(data)
-            text = self.partial[path] + data
-            lines, _, self.partial[path] = text.rpartition(b"\n")
-            match = SUMMARY.search(lines)
-            if match is not None:
-                return int(match[1]), int(match[2]), int(match[3])
-        return None
-
-
-# ------------------------------------------------------------------------------------------
-# CPU
-
-
-@dataclass(frozen=True)
-class Proc:
-    ppid: int
-    own: float  # user + system of the process itself
-    reaped: float  # user + system of its children it has waited for
-
-
-def snapshot() -> dict[tuple[int, float], Proc]:
-    """Every process on the machine, keyed by (pid, create time): one pass over /proc."""
-    procs: dict[tuple[int, float], Proc] = {}
-    for process in psutil.process_iter(["ppid", "create_time", "cpu_times"]):
-        info = process.info
-        times = info["cpu_times"]
-        if times is None or info["ppid"] is None:
-            continue  # gone, or not readable
-        procs[(process.pid, float(info["create_time"] or 0.0))] = Proc(
-            int(info["ppid"]),
-            float(times.user + times.system),
-            float(times.children_user + times.children_system),
-        )
-    return procs
-
-
-def descendants(procs: dict[tuple[int, float], Proc], root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for (pid, _), proc in procs.items():
-        children.setdefault(proc.ppid, []).append(pid)
-    found: set[int] = set()
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo += children.get(pid, [])
-    return found
-
-
-def machine_busy() -> tuple[float, float, float]:
-    """(busy, total, steal) CPU seconds summed over all cores since boot."""
-    t = psutil.cpu_times()
-    busy = t.user + t.nice + t.system + t.irq + t.softirq  # guest time is inside user already
-    total = busy + t.idle + t.iowait + t.steal
-    return float(busy), float(total), float(t.steal)
 
 
 @dataclass
-class Sample:
-    t: float  # seconds since the sampler's first sample
-    machine_pct: float  # since the previous sample; 100 = one core
-    cpu: dict[str, float]  # cumulative CPU seconds per component
+class Options:
+    skills: int
+    batch_size: int
+    settings_row: str
+    timeout: float
+    request_s: float
+    input_s: float
 
 
-class CpuSampler(threading.Thread):
-    """Every SAMPLE_SECONDS: the machine's CPU and each component's cumulative CPU seconds.
-
-    `components` maps a name to (pid, part): "root" is the process itself plus the children
-    it has reaped, "descendants" its live descendants (each with what it reaped), "tree" both,
-    "self" this process's own threads only (its children are components of their own). A
-    component whose processes are gone keeps its last value. Every other process on the
-    machine is tracked too, by its own user + system time, so a machine shared with other work
-    shows as such rather than as our load."""
-
-    def __init__(self, components: dict[str, tuple[int, str]]) -> None:
-        super().__init__(daemon=True, name="cpu-sampler")
-        self.components = components
-        self.samples: list[Sample] = []
-        self._halt = threading.Event()
-        self._last: dict[str, float] = {}
-        self._t0 = time.monotonic()
-        self._wall_t0 = time.time()
-        self._others_first: dict[tuple[int, float], float] = {}
-        self._others_last: dict[tuple[int, float], float] = {}
-        self._others_names: dict[tuple[int, float], str] = {}
-        self._machine = machine_busy()
-        self.machine_start = self.machine_end = self._machine
-        self.sample()
-
-    def sample(self) -> None:
-        procs = snapshot()
-        by_pid = {pid: proc for (pid, _), proc in procs.items()}
-        ours = {os.getpid(), *descendants(procs, os.getpid())}
-        cpu: dict[str, float] = {}
-        for name, (root, part) in self.components.items():
-            below = descendants(procs, root) if part in ("descendants", "tree") else set()
-            ours |= below | {root}
-            if root not in by_pid:
-                cpu[name] = self._last.get(name, 0.0)
-                continue
-            value = by_pid[root].own if part == "self" else 0.0
-            if part in ("root", "tree"):
-                value += by_pid[root].own + by_pid[root].reaped
-            value += sum(by_pid[pid].own + by_pid[pid].reaped for pid in below if pid in by_pid)
-            cpu[name] = value
-        self._last = cpu
-        for key, proc in procs.items():
-            if key[0] in ours:
-                continue
-            if key not in self._others_first:
-                # Born after the first sample: all of its time is the run's.
-                self._others_first[key] = 0.0 if key[1] > self._wall_t0 else proc.own
-                with contextlib.suppress(psutil.Error):
-                    command = " ".join(psutil.Process(key[0]).cmdline())[:100]
-                    self._others_names[key] = command or f"pid {key[0]}"
-            self._others_last[key] = proc.own
-        now = machine_busy()
-        busy, total = now[0] - self._machine[0], now[1] - self._machine[1]
-        self._machine = now
-        pct = 100.0 * CORES * busy / total if total > 0 else 0.0
-        self.samples.append(Sample(time.monotonic() - self._t0, pct, cpu))
-
-    def others(self) -> list[tuple[str, float]]:
-        """(command, CPU seconds since the first sample) of other processes, most first."""
-        used = []
-        for key, last in self._others_last.items():
-            seconds = last - self._others_first[key]
-            if seconds > 0:
-                used.append((self._others_names.get(key, f"pid {key[0]}"), seconds))
-        return sorted(used, key=lambda u: -u[1])
-
-    def run(self) -> None:
-        while not self._halt.wait(SAMPLE_SECONDS):
-            self.sample()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-        self.sample()
-        self.machine_end = self._machine
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values) or [0.0]
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-# ------------------------------------------------------------------------------------------
-# Database
-
-
-def seed(engine: sa.Engine, skills: int) -> None:
-    """The default tenant and `skills` published skills of realistic length; no settings row."""
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "INSERT INTO tenants (id, name, slug) VALUES (:t, 'Default', 'default')"
-                " ON CONFLICT DO NOTHING"
-            ),
-            {"t": TENANT},
-        )
-        connection.execute(
-            sa.text(SEED_SKILLS_SQL), {"tenants": [TENANT], "tenant_count": 1, "count": skills}
-        )
-    with engine.begin() as connection:
-        connection.exec_driver_sql("ANALYZE")
+@dataclass
+class RunTiming:
+    status: str = "ok"  # ok | timeout
+    seconds: float = 0.0  # from the call to the summary (or to the timeout)
+    call_seconds: float = 0.0  # the `celery call` process alone
+    worker_pids: dict[str, int] = field(default_factory=dict)
+    run: dict[str, Any] | None = None
 
 
 def reset_settings(engine: sa.Engine, row: str) -> None:
@@ -350,79 +102,24 @@ def run_row(engine: sa.Engine) -> dict[str, Any] | None:
     }
 
 
-def postmaster_pid(pg: LocalPostgres) -> int:
-    return int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-
-
-# ------------------------------------------------------------------------------------------
-# One configuration
-
-
-@dataclass
-class Servers:
-    engine: sa.Engine
-    database_url: str
-    redis: LocalRedis
-    postgres_pid: int
-    work: Path
-
-
-@dataclass
-class Options:
-    skills: int
-    batch_size: int
-    settings_row: str
-    timeout: float
-    request_s: float
-    input_s: float
-
-
-@dataclass
-class RunTiming:
-    status: str = "ok"  # ok | timeout | call failed
-    seconds: float = 0.0  # from the call to the summary (or to the timeout)
-    call_seconds: float = 0.0  # the `celery call` process alone
-    detected_by: str = ""  # "log" or "database"
-    summary: str = ""
-    call_output: str = ""
-    worker_pids: dict[str, int] = field(default_factory=dict)
-    run: dict[str, Any] | None = None
-
-
-def run_configuration(servers: Servers, workers: int, options: Options) -> dict[str, Any]:
+def run_configuration(s: Stack, workers: int, options: Options) -> dict[str, Any]:
     console.rule(f"{workers} worker(s) + {workers} Ollama(s), {options.skills:,} skills")
     # A fresh run from the same state: no embeddings, no runs, no queued messages, the default
     # tenant's settings as seeded, and new fakes (no stats, a cold cache of their vectors).
-    redis.Redis.from_url(servers.redis.url).flushall()
-    clear_embeddings(servers.engine)
-    reset_settings(servers.engine, options.settings_row)
-    fakes = [
-        FakeOllamaProcess(
-            options.request_s * 1000, options.input_s * 1000, servers.work / f"n{workers}-f{i}.log"
-        )
-        for i in range(1, workers + 1)
-    ]
-
-    base_env = {
-        key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_", "EMBED_"))
-    }
-    base_env |= {
-        "DATABASE_URL": servers.database_url,
-        "REDIS_URL": servers.redis.url,
-        "EMBED_BATCH_SIZE": str(options.batch_size),
-        "PYTHONUNBUFFERED": "1",
-    }
+    s.flush_redis()
+    seed.clear(s.engine, catalog=False)
+    reset_settings(s.engine, options.settings_row)
+    fakes = [s.fake(options.request_s * 1000, options.input_s * 1000) for _ in range(workers)]
     started_workers: list[Worker] = []
-    timing = RunTiming()
     try:
         for i, fake in enumerate(fakes, start=1):
-            log = servers.work / f"n{workers}-w{i}.log"
-            env = {**base_env, "OLLAMA_URL": fake.url}
-            started_workers.append(Worker(f"w{i}", env, log).start())
-        for worker in started_workers:
-            worker.wait_ready()
+            env = s.env(fake.url, EMBED_BATCH_SIZE=str(options.batch_size))
+            options_ = ["--without-mingle", "--without-gossip"]
+            started_workers.append(
+                s.worker(env, name=f"w{i}", hostname=f"w{i}@%h", loglevel="INFO", options=options_)
+            )
         time.sleep(1.0)  # let the workers' start-up CPU settle before the baseline
-        timing, sampler, call_cpu = timed_backfill(servers, started_workers, fakes, options)
+        timing, sampler, call_cpu = timed_run(s, started_workers, fakes, options)
         ollamas = describe_fakes(fakes, timing.seconds, timing.run, options)
     finally:
         for worker in started_workers:
@@ -430,18 +127,34 @@ def run_configuration(servers: Servers, workers: int, options: Options) -> dict[
         for fake in fakes:
             fake.stop()
     run = timing.run
+    current = (run["embedded"] + run["unchanged"]) if run else 0
     return {
         "workers": workers,
-        **describe_timing(timing, run, options.skills),
-        "site_settings_ollama_url": settings_url(servers.engine),
+        "status": timing.status,
+        "seconds": round(timing.seconds, 3),
+        # A run that did not close has no rate: its progress is in "run".
+        "skills_per_s": round(current / timing.seconds, 1) if timing.status == "ok" else 0.0,
+        "progress": f"{current}/{run['total'] if run else '?'}",
+        "call_seconds": round(timing.call_seconds, 3),
+        "run_seconds_in_db": round(run["seconds"], 3) if run else None,
+        "run": run,
+        "site_settings_ollama_url": settings_url(s.engine),
         "ollamas": ollamas,
-        "per_worker": describe_workers(started_workers),
+        "per_worker": {
+            w.name: {
+                "skills_logged_embedded": len(re.findall(r"\] Embedded: ", w.log())),
+                "embed_skill_jobs": len(
+                    re.findall(r"tasks\.embed_skill\[[^\]]+\] succeeded", w.log())
+                ),
+            }
+            for w in started_workers
+        },
         "cpu": describe_cpu(sampler, call_cpu, workers, timing, run),
     }
 
 
-def timed_backfill(
-    servers: Servers, workers: list[Worker], fakes: list[FakeOllamaProcess], options: Options
+def timed_run(
+    s: Stack, workers: list[Worker], fakes: list[FakeOllamaProcess], options: Options
 ) -> tuple[RunTiming, CpuSampler, float]:
     """Call tasks.backfill and wait for its summary, sampling CPU all along."""
     timing = RunTiming(worker_pids={w.name: w.pid for w in workers})
@@ -449,85 +162,31 @@ def timed_backfill(
     for worker in workers:
         components[f"{worker.name} main"] = (worker.pid, "root")
         components[f"{worker.name} pool"] = (worker.pid, "descendants")
-    components["postgres"] = (servers.postgres_pid, "tree")
-    assert servers.redis.process is not None
-    components["redis"] = (servers.redis.process.pid, "tree")
+    components["postgres"] = (s.postgres_pid, "tree")
+    components["redis"] = (s.redis_pid, "tree")
     for i, fake in enumerate(fakes, start=1):
         components[f"fake {i}"] = (fake.pid, "tree")
     components["bench process"] = (os.getpid(), "self")
-    tail = LogTail([w.log_path for w in workers])
     env = {**workers[0].env, "OLLAMA_URL": APP_DEFAULT_OLLAMA_URL}  # the call embeds nothing
 
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     sampler = CpuSampler(components)
     sampler.start()
     started = time.monotonic()
-    call = subprocess.Popen(
-        celery("call", "tasks.backfill"),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    deadline = started + options.timeout
-    next_db_poll = started + DB_POLL_SECONDS
-    while True:
-        now = time.monotonic()
-        if call.returncode is None and call.poll() is not None:
-            timing.call_seconds = now - started
-            timing.call_output = (call.stdout.read() if call.stdout else b"").decode().strip()
-            if call.returncode != 0:
-                timing.status = "call failed"
-                break
-        found = tail.summary()
-        if found is not None:
-            timing.detected_by = "log"
-            timing.summary = f"Done. Embedded {found[0]}/{found[1]} skills. {found[2]} failures."
-            break
-        if now >= next_db_poll:
-            next_db_poll = now + DB_POLL_SECONDS
-            run = run_row(servers.engine)
-            if run is not None and run["finished"]:
-                timing.detected_by = "database"
-                break
-        if now > deadline:
-            timing.status = "timeout"
-            break
-        time.sleep(POLL_SECONDS)
-    timing.seconds = time.monotonic() - started
-    timing.run = run_row(servers.engine)  # the run as the clock stopped (a timeout's progress)
+    try:
+        done = timed_backfill(s.engine, env, poll=POLL_SECONDS, timeout=options.timeout,
+                              check=False)  # fmt: skip
+        timing.seconds, timing.call_seconds = done.summary_s, done.call_s
+    except TimeoutError:
+        timing.status = "timeout"
+        timing.seconds = timing.call_seconds = time.monotonic() - started
+    timing.run = run_row(s.engine)  # the run as the clock stopped (a timeout's progress)
     sampler.stop()
-    if call.poll() is None:
-        call.kill()
-    call.wait()
-    if not timing.call_seconds:
-        timing.call_seconds = timing.seconds
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     call_cpu = (children_after.ru_utime - children_before.ru_utime) + (
         children_after.ru_stime - children_before.ru_stime
     )
     return timing, sampler, call_cpu
-
-
-# ------------------------------------------------------------------------------------------
-# Reports of one configuration
-
-
-def describe_timing(timing: RunTiming, run: dict[str, Any] | None, skills: int) -> dict[str, Any]:
-    current = (run["embedded"] + run["unchanged"]) if run else 0
-    return {
-        "status": timing.status,
-        "seconds": round(timing.seconds, 3),
-        # A run that did not close has no rate: its progress is in "run".
-        "skills_per_s": (
-            round(current / timing.seconds, 1) if timing.seconds and timing.status == "ok" else 0.0
-        ),
-        "progress": f"{current}/{run['total'] if run else '?'}",
-        "call_seconds": round(timing.call_seconds, 3),
-        "run_seconds_in_db": round(run["seconds"], 3) if run else None,
-        "detected_by": timing.detected_by,
-        "summary": timing.summary,
-        "run": run,
-        "seeded_skills": skills,
-        "call_output": timing.call_output[-500:],
-    }
 
 
 def describe_fakes(
@@ -560,18 +219,6 @@ def describe_fakes(
             }
         )
     return result
-
-
-def describe_workers(workers: list[Worker]) -> dict[str, dict[str, int]]:
-    """Per worker, from its log: skills it logged as embedded and embed_skill jobs it ran."""
-    out = {}
-    for worker in workers:
-        log = worker.log()
-        out[worker.name] = {
-            "skills_logged_embedded": len(re.findall(rb"\] Embedded: ", log)),
-            "embed_skill_jobs": len(re.findall(rb"tasks\.embed_skill\[[^\]]+\] succeeded", log)),
-        }
-    return out
 
 
 def describe_cpu(
@@ -685,105 +332,6 @@ def limit_line(config: dict[str, Any]) -> str:
     )
 
 
-# ------------------------------------------------------------------------------------------
-# Report
-
-
-def report(results: dict[str, Any]) -> None:
-    configs: list[dict[str, Any]] = results["configs"]
-    base = next((c for c in configs if c["workers"] == 1 and c["status"] == "ok"), None)
-
-    table = Table(
-        title=f"Backfill of {results['skills']:,} skills: scale-out", title_justify="left"
-    )
-    for column in ("workers", "status", "summary", "seconds", "skills/s", "speed-up", "run in DB"):
-        table.add_column(column, justify="right")
-    for c in configs:
-        speedup = (
-            f"{c['skills_per_s'] / base['skills_per_s']:.2f}x"
-            if base and c["status"] == "ok" and base["skills_per_s"]
-            else ""
-        )
-        table.add_row(
-            str(c["workers"]), c["status"],
-            c["summary"].removeprefix("Done. ") or f"{c['progress']} when stopped",
-            f"{c['seconds']:.2f}",
-            f"{c['skills_per_s']:.1f}", speedup,
-            f"{c['run_seconds_in_db']:.2f} s" if c["run_seconds_in_db"] is not None else "",
-        )  # fmt: skip
-    console.print(table)
-
-    table = Table(title="Ollamas (fakes)", title_justify="left")
-    for column in (
-        "workers", "Ollama", "inputs", "requests", "max concurrent", "share of inputs",
-        "slot busy (whole / run)",
-    ):  # fmt: skip
-        table.add_column(column, justify="right")
-    for c in configs:
-        for o in c["ollamas"]:
-            table.add_row(
-                str(c["workers"]), str(o["ollama"]), f"{o['inputs']:,}", f"{o['requests']:,}",
-                str(o["max_concurrent"]), f"{100 * o['share']:.1f}%",
-                f"{o['slot_busy_pct']:.0f}% / {o['slot_busy_run_pct']:.0f}%",
-            )  # fmt: skip
-    console.print(table)
-    for c in configs:
-        url = c["site_settings_ollama_url"]
-        pinned = next((o["ollama"] for o in c["ollamas"] if o["url"] == url), None)
-        where = f" (Ollama {pinned})" if pinned else ""
-        per_worker = ", ".join(
-            f"{name} logged {w['skills_logged_embedded']} skills embedded and ran"
-            f" {w['embed_skill_jobs']} embed_skill jobs"
-            for name, w in c["per_worker"].items()
-        )
-        console.print(
-            f"{c['workers']} worker(s): site_settings.ollama_url after the run = {url}{where};"
-            f" {per_worker}"
-        )
-
-    table = Table(title="CPU seconds during the run (per 1,000 skills)", title_justify="left")
-    table.add_column("component")
-    for c in configs:
-        table.add_column(f"{c['workers']} worker(s)", justify="right")
-    names: list[str] = []
-    for c in sorted(configs, key=lambda c: -int(c["workers"])):
-        names += [n for n in c["cpu"]["components_s"] if n not in names]
-    for name in names:
-        cells = []
-        for c in configs:
-            value = c["cpu"]["components_s"].get(name)
-            per = c["cpu"]["per_1000_skills_s"].get(name)
-            cells.append(
-                "" if value is None else f"{value:.2f} ({per:.2f})" if per else f"{value:.2f}"
-            )
-        table.add_row(name, *cells)
-    table.add_row("workers (main + pool)", *[f"{c['cpu']['workers_total_s']:.2f}" for c in configs])
-    table.add_row(
-        "machine busy",
-        *[f"{c['cpu']['machine_busy_s']:.2f}" for c in configs],
-        style="bold",
-    )
-    table.add_row(
-        "machine CPU, mean / p90 / max",
-        *[
-            f"{c['cpu']['machine_pct']:.0f} / {c['cpu']['machine_pct_p90']:.0f} /"
-            f" {c['cpu']['machine_pct_max']:.0f}% of {c['cpu']['capacity_pct']}%"
-            for c in configs
-        ],
-    )
-    table.add_row("steal", *[f"{c['cpu']['steal_pct']:.1f}%" for c in configs])
-    console.print(table)
-
-    for c in configs:
-        console.print(f"[bold]{c['workers']} worker(s):[/bold] {c['limit']}")
-    for line in results["speedup_lines"]:
-        console.print(f"[bold]{line}[/bold]")
-    console.print(
-        "Note: the fakes sleep through the model's time; a real CPU Ollama would also spend"
-        " roughly its slot-busy time as CPU on these cores (model_busy_s in the JSON)."
-    )
-
-
 def speedup_lines(configs: list[dict[str, Any]]) -> list[str]:
     base = next((c for c in configs if c["workers"] == 1 and c["status"] == "ok"), None)
     lines = []
@@ -800,10 +348,6 @@ def speedup_lines(configs: list[dict[str, Any]]) -> list[str]:
             f" Limit: {c['limit']}"
         )
     return lines
-
-
-# ------------------------------------------------------------------------------------------
-# Main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -831,51 +375,71 @@ def main(argv: list[str] | None = None) -> int:
         request_s=args.request_ms / 1000,
         input_s=args.input_ms / 1000,
     )
-
-    work = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
-    pg = LocalPostgres(work / "pg", durable=False).start()
-    broker = LocalRedis().start()
-    results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": CORES,
-            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
-            "python": platform.python_version(),
-        },
-        "skills": args.skills,
-        "cost_model_ms": {"request": args.request_ms, "input": args.input_ms},
-        "batch_size": args.batch_size,
-        "settings_row": args.settings_row,
-        "timeout_s": args.timeout,
-        "configs": [],
-    }
-    try:
-        database_url = pg.url()
-        engine = make_engine(psycopg_url(database_url))
-        migrate.upgrade(engine)
-        seed(engine, args.skills)
-        servers = Servers(engine, database_url, broker, postmaster_pid(pg), work)
+    results = Results("scaleout", skills=args.skills, workers=args.workers,
+                      cost_model_ms=[args.request_ms, args.input_ms], batch_size=args.batch_size,
+                      settings_row=args.settings_row, timeout_s=args.timeout)  # fmt: skip
+    configs: list[dict[str, Any]] = []
+    with stack(prefix="bench-scaleout-", keep=args.keep_logs) as s:
+        seed.add_tenants(s.engine, settings=False)
+        seed.seed_catalog(s.engine, args.skills, drafts=False)
+        seed.analyze(s.engine)
         for workers in args.workers:
-            config = run_configuration(servers, workers, options)
+            config = run_configuration(s, workers, options)
             config["limit"] = limit_line(config)
             console.print(
                 f"{config['status']}: {config['skills_per_s']:.1f} skills/s; {config['limit']}"
             )
-            results["configs"].append(config)
-        engine.dispose()
-    finally:
-        broker.stop()
-        pg.destroy()
-        if args.keep_logs:
-            console.print(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-
-    results["speedup_lines"] = speedup_lines(results["configs"])
-    report(results)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scaleout.json").write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {RESULTS / 'scaleout.json'}")
+            configs.append(config)
+    base = next((c for c in configs if c["workers"] == 1 and c["status"] == "ok"), None)
+    for c in configs:
+        n = f"{c['workers']} worker(s) + Ollama(s)"
+        results.add(f"{n}: backfill, call -> summary", c["skills_per_s"], "skills/s")
+        if base and c is not base and c["status"] == "ok" and base["skills_per_s"]:
+            results.add(f"{n}: speed-up over one", c["skills_per_s"] / base["skills_per_s"], "x")
+        results.add(f"{n}: call -> summary", c["seconds"], "s")
+        results.add(f"{n}: the `celery call` process", c["call_seconds"], "s")
+        results.add(f"{n}: the run's own window in the database", c["run_seconds_in_db"] or 0,
+                    "s")  # fmt: skip
+        for o in c["ollamas"]:
+            fake = f"{n}: Ollama {o['ollama']}"
+            results.add(f"{fake}, inputs", o["inputs"], "inputs")
+            results.add(f"{fake}, requests", o["requests"], "requests")
+            results.add(f"{fake}, most requests at once", o["max_concurrent"], "requests")
+            results.add(f"{fake}, share of the inputs", 100 * o["share"], "%")
+            results.add(f"{fake}, slot busy over the whole measure", o["slot_busy_pct"], "%")
+            results.add(f"{fake}, slot busy over the run", o["slot_busy_run_pct"], "%")
+        for name, w in c["per_worker"].items():
+            results.add(f"{n}: {name} logged skills embedded", w["skills_logged_embedded"],
+                        "skills")  # fmt: skip
+            results.add(f"{n}: {name} ran embed_skill jobs", w["embed_skill_jobs"], "jobs")
+        cpu = c["cpu"]
+        for component, seconds in cpu["components_s"].items():
+            per = cpu["per_1000_skills_s"].get(component)
+            results.add(f"{n}: CPU, {component}", seconds, "s")
+            if per is not None:
+                results.add(f"{n}: CPU per 1,000 skills, {component}", per, "s")
+        results.add(f"{n}: CPU, workers (main + pool)", cpu["workers_total_s"], "s")
+        results.add(f"{n}: machine busy", cpu["machine_busy_s"], "CPU-s")
+        results.add(f"{n}: machine CPU, mean", cpu["machine_pct"], "%",
+                    limit=("capacity", cpu["capacity_pct"]))  # fmt: skip
+        results.add(f"{n}: machine CPU, p90", cpu["machine_pct_p90"], "%")
+        results.add(f"{n}: machine CPU, max", cpu["machine_pct_max"], "%")
+        results.add(f"{n}: steal", cpu["steal_pct"], "%")
+    results.details["configs"] = configs
+    results.details["speedup_lines"] = speedup_lines(configs)
+    for c in configs:
+        url = c["site_settings_ollama_url"]
+        pinned = next((o["ollama"] for o in c["ollamas"] if o["url"] == url), None)
+        console.print(f"{c['workers']} worker(s): site_settings.ollama_url after the run = {url}"
+                      + (f" (Ollama {pinned})" if pinned else ""))  # fmt: skip
+    for line in [*(f"{c['workers']} worker(s): {c['limit']}" for c in configs),
+                 *results.details["speedup_lines"]]:  # fmt: skip
+        console.print(f"[bold]{line}")
+    console.print(
+        "Note: the fakes sleep through the model's time; a real CPU Ollama would also spend"
+        " roughly its slot-busy time as CPU on these cores (model_busy_s in the JSON)."
+    )
+    results.write()
     return 0
 
 

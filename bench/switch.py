@@ -1,26 +1,19 @@
-"""A model switch against a backfill, and the swap transaction.
+"""How fast does a model switch stage against a backfill, and how long does its swap hold?
 
-`python -m bench.switch` runs, on one throwaway PostgreSQL, Redis and fake Ollama, with a real
-worker:
+`python -m bench.switch` runs, on one throwaway stack, a fake Ollama in its own process and a
+real worker:
 
   (a) a backfill of --skills skills at the CPU model's cost, then a switch of the same tenant
       to another model of the same cost: skills/s of each, from queuing to the run's summary;
   (b) for each of --swap-sizes: a catalog backfilled and staged at zero model cost, then the
       swap's transaction (the worker's own "in X s"), and an app job for that tenant queued
       while the swap runs: its time to a current row of the new model, and whether it failed.
-
-Results print as a table and go to bench/results/switch.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,16 +22,14 @@ from typing import Any
 import sqlalchemy as sa
 from celery import Celery
 
-from bench.throughput import TENANT, backfill_through_worker, psycopg_url, seed_catalog
-from db import migrate
-from db.session import make_engine
-from devstack.fake_ollama import FakeOllama
-from devstack.postgres import LocalPostgres
-from devstack.redis import LocalRedis
+from bench.harness import Results, console
+from bench.harness import backfill as timed_backfill
+from devstack import seed
+from devstack.seed import TENANT
+from devstack.stack import stack
 from tasks.producer import enqueue_embed_skill
 from tasks.queues import INTERACTIVE
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = ("nomic-embed-text", "embeddinggemma")
 SWAPPED = re.compile(r"Swapped tenant \S+ from \S+ to \S+ .* in ([\d.]+) s")
 
@@ -113,72 +104,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-ms", type=float, default=7.5)
     parser.add_argument("--input-ms", type=float, default=4.3)
     args = parser.parse_args(argv)
-
-    work = Path(tempfile.mkdtemp(prefix="bench-switch-"))
-    pg = LocalPostgres(work / "pg", durable=False).start()
-    redis = LocalRedis().start()
-    ollama = FakeOllama(models=MODELS).start()
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
-    worker: subprocess.Popen[bytes] | None = None
-    log_path = work / "worker.log"
-    try:
-        engine = make_engine(psycopg_url(pg.url()))
-        migrate.upgrade(engine)
-        env = {**os.environ, "DATABASE_URL": pg.url(), "REDIS_URL": redis.url,
-               "OLLAMA_URL": ollama.url}  # fmt: skip
-        with log_path.open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        while "ready." not in log_path.read_text():
-            time.sleep(0.1)
+    results = Results("switch", skills=args.skills, swap_sizes=args.swap_sizes,
+                      cost_model_ms=[args.request_ms, args.input_ms])  # fmt: skip
+    with stack(prefix="bench-switch-") as s:
+        ollama = s.fake(models=MODELS)
+        env = s.env(ollama.url)
+        worker = s.worker(env, loglevel="INFO")
+        log_path = worker.log_path
         for index, (skills, cost) in enumerate(
             [(args.skills, (args.request_ms, args.input_ms))]
             + [(n, (0.0, 0.0)) for n in args.swap_sizes]
         ):
-            ollama.request_latency, ollama.input_latency = cost[0] / 1000, cost[1] / 1000
-            seed_catalog(engine, skills, ollama.url)
-            with engine.begin() as connection:
+            ollama.configure(request_latency=cost[0] / 1000, input_latency=cost[1] / 1000)
+            seed.clear(s.engine)
+            seed.add_tenants(s.engine, ollama_url=ollama.url)
+            seed.seed_catalog(s.engine, skills)
+            with s.engine.begin() as connection:
                 connection.execute(
                     sa.text("UPDATE site_settings SET ollama_model = :m"), {"m": MODELS[0]}
                 )
-            backfill = backfill_through_worker(engine, redis.url)
-            print(f"backfill of {skills} skills: {backfill.summary:.2f} s", flush=True)
+            backfill = timed_backfill(s.engine, env, command=False)
+            console.print(f"backfill of {skills} skills: {backfill.summary_s:.2f} s")
             if index == 0:
-                staged = switch(engine, redis.url, MODELS[1], log_path)
-                results["rate"] = {
-                    "skills": skills,
-                    "backfill_per_s": backfill.total / backfill.summary,
-                    "staging_per_s": staged["total"] / staged["staging_s"],
-                }
-                results["rate"]["ratio"] = (
-                    results["rate"]["staging_per_s"] / results["rate"]["backfill_per_s"]
-                )
-                print(results["rate"], flush=True)
+                staged = switch(s.engine, s.redis_url, MODELS[1], log_path)
+                backfill_rate = backfill.total / backfill.summary_s
+                staging_rate = staged["total"] / staged["staging_s"]
+                results.add(f"backfill, {skills:,} skills, CPU model", backfill_rate, "skills/s")
+                results.add(f"staging of a switch, {skills:,} skills, same cost", staging_rate,
+                            "skills/s")  # fmt: skip
+                results.add("staging / backfill", staging_rate / backfill_rate, "x",
+                            target=">= 0.9x")  # fmt: skip
                 continue
             with ThreadPoolExecutor(1) as pool:
-                job = pool.submit(app_job_during_swap, engine, redis.url, MODELS[1])
-                staged = switch(engine, redis.url, MODELS[1], log_path)
+                job = pool.submit(app_job_during_swap, s.engine, s.redis_url, MODELS[1])
+                staged = switch(s.engine, s.redis_url, MODELS[1], log_path)
                 seen = job.result(timeout=600)
             # That job's own failure: the log's other lines are the catch-up's jobs for skills
             # the previous size's catalog had (this bench replaces the catalog between sizes).
             failed = bool(re.search(rf"Failed[^:]*: {seen['skill']}", log_path.read_text()))
-            results[f"swap_{skills}"] = {**staged, "app_job_s": seen["seconds"],
-                                         "app_job_failed": failed}  # fmt: skip
-            print(results[f"swap_{skills}"], flush=True)
-    finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(30)
-        ollama.stop()
-        redis.stop()
-        pg.destroy()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "switch.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+            results.add(f"swap, {skills:,} skills", staged["swap_s"], "s",
+                        target="<= 30 s" if skills >= 10_000 else None)  # fmt: skip
+            results.add(f"swap, {skills:,} skills: its staging", staged["staging_s"], "s")
+            results.add(f"swap, {skills:,} skills: app job queued during it, to a current row"
+                        " of the new model", seen["seconds"], "s")  # fmt: skip
+            results.add(f"swap, {skills:,} skills: that app job failed", int(failed), "(0 = no)",
+                        target="0")  # fmt: skip
+    results.write()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

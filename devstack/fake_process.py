@@ -56,6 +56,14 @@ class FakeOllamaProcess:
     def max_concurrent(self) -> int:
         return int(self.stats()["max_concurrent"])
 
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        """Set knobs (request_latency and input_latency in seconds, models, ...) as the
+        control API names them; answers every knob's value."""
+        response = httpx.post(f"{self.url}/_fake/config", json=knobs, timeout=10)
+        response.raise_for_status()
+        config: dict[str, Any] = response.json()
+        return config
+
     def reset(self) -> None:
         httpx.post(f"{self.url}/_fake/reset", timeout=10).raise_for_status()
 
