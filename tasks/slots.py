@@ -11,8 +11,8 @@ urgent (backfill batches) take no slot while an urgent one waits for the same UR
 
 from __future__ import annotations
 
-import contextlib
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,6 +45,12 @@ class OllamaSlots:
         self.lease_seconds = lease_seconds
         self.wait_seconds = wait_seconds
         self._prefix = prefix
+        # Slots whose release Redis did not take (it was away): released as soon as it is
+        # back, before this process asks for another. Redis keeps a lock through its own
+        # restart, so left alone each would stay taken to the end of its lease (a request
+        # timeout and more), and every worker would wait that out after a short outage.
+        self._unreleased: list[tuple[Lock, str]] = []
+        self._unreleased_lock = threading.Lock()
 
     def _locks(self, url: str) -> list[Lock]:
         return [
@@ -56,6 +62,7 @@ class OllamaSlots:
     def hold(self, url: str, *, urgent: bool) -> Iterator[None]:
         """Wait for one of the URL's slots (urgent callers first), hold it for the block."""
         try:
+            self._release_leftovers()
             lock = self._acquire(url, urgent=urgent)
         except redis.RedisError as exc:
             raise OllamaUnavailable(
@@ -64,9 +71,30 @@ class OllamaSlots:
         try:
             yield
         finally:
-            # The lease may have run out first (or Redis gone away): the lock is gone either way.
-            with contextlib.suppress(redis.RedisError):
-                lock.release()
+            self._release(lock)
+
+    def _release(self, lock: Lock, token: str | None = None) -> None:
+        # By its token, not lock.release(): that forgets the token before it asks Redis, and
+        # keeps it per thread, so a release to retry later needs the token kept here.
+        token = token if token is not None else lock.local.token
+        if token is None:
+            return
+        lock.local.token = None
+        try:
+            lock.do_release(token)
+        except redis.exceptions.LockError:
+            pass  # its lease ran out first: the slot is someone else's, or free
+        except redis.RedisError:
+            with self._unreleased_lock:
+                self._unreleased.append((lock, token))
+
+    def _release_leftovers(self) -> None:
+        if not self._unreleased:
+            return
+        with self._unreleased_lock:
+            leftovers, self._unreleased = self._unreleased, []
+        for lock, token in leftovers:
+            self._release(lock, token)  # Redis still away: kept for the next turn
 
     def _acquire(self, url: str, *, urgent: bool) -> Lock:
         waiting = f"{self._prefix}:{url}:urgent"
