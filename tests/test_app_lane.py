@@ -15,9 +15,9 @@ from celery import Celery
 from devstack.fake_ollama import FakeOllama
 from tasks.queues import EMBED_SKILL, INTERACTIVE
 from tasks.text import input_hash, skill_text
+from tests.backfills import embedded_ids
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import embedded_ids
 from tests.waiting import wait_until
 
 
@@ -49,9 +49,9 @@ def row_hash(db: Database, skill_id: str) -> object:
 
 
 def catalog(db: Database, count: int, label: str = "Imported skill") -> list[str]:
-    return [
-        db.add_skill(TENANT_A, f"{label} {i:03d}", f"Imported number {i}") for i in range(count)
-    ]
+    return db.add_skills(
+        TENANT_A, [(f"{label} {i:03d}", f"Imported number {i}") for i in range(count)]
+    )
 
 
 def burst_behind_a_leader(db: Database, ollama: FakeOllama, producer: Celery,

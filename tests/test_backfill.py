@@ -16,37 +16,15 @@ from celery import Celery
 from devstack.fake_ollama import FakeOllama
 from devstack.redis import LocalRedis
 from tasks.text import input_hash, skill_text
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, celery, start_worker
 from tests.waiting import wait_until
 
 TENANT_C = "tenant-cccc-0000-0000-000000000003"  # semantic similarity off
 TENANT_D = "tenant-dddd-0000-0000-000000000004"  # inactive
-SUMMARY = re.compile(r"Done\. Embedded (\d+)/(\d+) skills\. (\d+) failures\.")
-
-
-def summaries(log: str) -> list[tuple[int, int, int]]:
-    return [(int(a), int(b), int(c)) for a, b, c in SUMMARY.findall(log)]
-
-
-def call_backfill(env: dict[str, str], *args: str) -> str:
-    """`celery -A worker call tasks.backfill`, as an operator types it; returns the run id."""
-    result = subprocess.run(
-        celery("call", "tasks.backfill", *args), env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def embedded_ids(db: Database) -> set[str]:
-    return {str(row.skill_id) for row in db.rows("SELECT skill_id FROM skill_embeddings")}
-
-
-def published_catalog(db: Database, count: int, tenant: str = TENANT_A) -> list[str]:
-    return [
-        db.add_skill(tenant, f"Catalog skill {i:04d}", f"Does useful thing number {i}")
-        for i in range(count)
-    ]
+# Re-exported: older test modules import them from here.
+__all__ = ["call_backfill", "embedded_ids", "published_catalog", "summaries"]
 
 
 def test_backfill_embeds_exactly_the_published_skills_of_enabled_tenants(

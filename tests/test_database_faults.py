@@ -12,9 +12,9 @@ import redis
 import sqlalchemy as sa
 
 from devstack.fake_ollama import FakeOllama
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import APP_ROLE, TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 FAILED_WRITE = re.compile(r"A batch of \d+ items of run \S+ failed while writing")

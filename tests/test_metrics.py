@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port
+from tests.backfills import call_backfill, published_catalog
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, published_catalog
 from tests.waiting import wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -14,9 +14,9 @@ import redis
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
 from tasks.queues import INTERACTIVE
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, celery, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
+from tests.backfills import call_backfill, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, summaries
 from tests.waiting import wait_until
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from celery import Celery
 
 from devstack.fake_ollama import FakeOllama
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from devstack.fake_ollama import FakeOllama, vector_for
 from tasks import enqueue_embed_skill
 from tasks.text import skill_text
+from tests.backfills import call_backfill, published_catalog, summaries
 from tests.databases import APP_ROLE, TENANT_A, Database
 from tests.processes import Process
-from tests.test_backfill import call_backfill, published_catalog, summaries
 from tests.waiting import wait_until
 
 NEW = "embeddinggemma"  # 768 dimensions, like the app's column

@@ -7,9 +7,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from devstack.fake_ollama import FakeOllama
+from tests.backfills import published_catalog
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import published_catalog
 from tests.test_switch import (
     NEW,
     SWAPPED,
