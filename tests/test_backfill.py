@@ -262,6 +262,7 @@ def test_a_backfill_delivered_again_resumes_its_run_instead_of_starting_another(
     assert "Traceback" not in worker.log()
 
 
+@pytest.mark.slow
 def test_redis_restarted_empty_mid_backfill_is_healed_by_reconcile(
     db: Database,
     embedder_env: dict[str, str],
@@ -269,18 +270,23 @@ def test_redis_restarted_empty_mid_backfill_is_healed_by_reconcile(
     redis_server: LocalRedis,
     tmp_path: Path,
 ) -> None:
-    # One skill a batch: the worker runs at most 16 batches ahead of its queue, so most of the
-    # run is still only messages when Redis loses them.
+    # One skill a batch: most of the run is still only messages when Redis loses them.
     env = {**embedder_env, "EMBED_BATCH_SIZE": "1", "RECONCILE_INTERVAL_SECONDS": "2"}
     db.add_tenant(TENANT_A)
-    skills = published_catalog(db, 80)
-    ollama.request_latency = 0.05
+    skills = sorted(published_catalog(db, 80))
+    names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
+    # The ninth skill's request is held while Redis restarts: at most eight rows are written.
+    gate = ollama.hold(match=names[skills[8]])
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         call_backfill(env)
-        wait_until(lambda: len(embedded_ids(db)) >= 8, what="some rows")
+        gate.wait_held()
         redis_server.restart_empty()
         lost = 80 - len(embedded_ids(db))
+        # Published meanwhile, its job lost with the queue: outside the run, only a reconcile
+        # finds it.
+        late = db.add_skill(TENANT_A, "Published while Redis was away", "Its job was lost")
+        gate.release()
         beat = Process(
             celery("beat", "--loglevel=INFO", f"--schedule={tmp_path / 'beat-schedule'}"),
             env,
@@ -288,17 +294,20 @@ def test_redis_restarted_empty_mid_backfill_is_healed_by_reconcile(
         ).start()
         try:
             wait_until(lambda: summaries(worker.log()), timeout=90, what="the summary")
+            wait_until(lambda: late in embedded_ids(db), timeout=60, what="the reconcile")
         finally:
             beat.stop()
     finally:
+        gate.release()
         worker.stop()
 
-    assert lost > 40, "the backfill was nearly done before Redis lost its queue"
-    assert embedded_ids(db) == set(skills)
+    assert lost >= 72
+    assert embedded_ids(db) == {*skills, late}
     assert summaries(worker.log()) == [(80, 80, 0)]
     assert "Reconcile:" in worker.log()
 
 
+@pytest.mark.slow
 def test_ollama_down_for_a_while_is_outlasted_by_retries(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -309,22 +318,26 @@ def test_ollama_down_for_a_while_is_outlasted_by_retries(
         "EMBED_RETRY_BACKOFF_MAX_SECONDS": "1",
     }
     db.add_tenant(TENANT_A)
-    skills = published_catalog(db, 200)
-    ollama.input_latency = 0.01  # a batch of 32 takes a third of a second
+    skills = sorted(published_catalog(db, 100))
+    names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
+    # 32 a batch: the second batch is with Ollama when it goes down, the first is written.
+    gate = ollama.hold(match=names[skills[40]])
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         call_backfill(env)
-        wait_until(lambda: embedded_ids(db), what="the first batch")
+        gate.wait_held()
         ollama.down()
-        wait_until(lambda: "Retrying" in worker.log(), what="a retry")
-        time.sleep(3)
+        gate.release()
+        # Down for a while: long enough for jobs to fail and retry, again and again.
+        wait_until(lambda: worker.log().count("Retrying") >= 5, timeout=60, what="retries")
         ollama.up()
         wait_until(lambda: summaries(worker.log()), timeout=60, what="the summary")
     finally:
+        gate.release()
         worker.stop()
 
     assert embedded_ids(db) == set(skills)
-    assert summaries(worker.log()) == [(200, 200, 0)]
+    assert summaries(worker.log()) == [(100, 100, 0)]
 
 
 def test_reconcile_removes_rows_of_unpublished_skills_and_queues_missing_ones(
