@@ -32,6 +32,16 @@ from tests.processes import Process, start_worker
 from tests.shared_worker import SharedWorker
 
 
+# Whole end-to-end modules (the demo, the compose file, broker outages): slow throughout.
+SLOW_MODULES = {"test_demo.py", "test_compose.py", "test_outages.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
     server = LocalPostgres(tmp_path_factory.mktemp("postgres") / "data", durable=False).start()

@@ -224,6 +224,7 @@ def test_a_later_edit_of_a_skill_embedded_ahead_is_embedded_again(
     assert job_results(worker.log())[newer] == "embedded"
 
 
+@pytest.mark.slow
 def test_a_skill_edited_more_often_than_its_death_cap_is_embedded_each_time(
     db: Database, fast_worker: Process, producer: Celery, embedder_env: dict[str, str]
 ) -> None:

@@ -193,6 +193,7 @@ def test_status_shows_coverage_per_tenant_and_the_run(
     assert "Done. Embedded 4/4 skills. 0 failures." in result.stdout
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_backfill_closes_its_run_soon_after_a_new_worker_starts(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:

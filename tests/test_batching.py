@@ -25,6 +25,7 @@ def batch_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Proce
     process.stop()
 
 
+@pytest.mark.slow
 def test_a_backfill_sends_its_skills_in_batches(
     db: Database, batch_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
@@ -47,6 +48,7 @@ def test_a_backfill_sends_its_skills_in_batches(
     assert len(re.findall(r"\[\d+/40\] Embedded: ", batch_worker.log())) == 40
 
 
+@pytest.mark.slow
 def test_a_rejected_batch_is_split_so_only_the_bad_input_fails(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -69,6 +71,7 @@ def test_a_rejected_batch_is_split_so_only_the_bad_input_fails(
     assert "Retrying" not in worker.log()
 
 
+@pytest.mark.slow
 def test_malformed_answers_to_a_batch_are_retried_and_fail_no_skill(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -94,6 +97,7 @@ def test_malformed_answers_to_a_batch_are_retried_and_fail_no_skill(
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_publish_during_a_long_backfill_is_embedded_before_it_ends(
     db: Database, batch_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
@@ -122,6 +126,7 @@ def test_a_publish_during_a_long_backfill_is_embedded_before_it_ends(
     assert sent.index(urgent_text) < sent.index(texts[skills[-1]])
 
 
+@pytest.mark.slow
 def test_a_backfill_queues_its_jobs_a_chunk_at_a_time(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:

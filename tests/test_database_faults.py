@@ -51,6 +51,7 @@ def assert_run_closed_exactly(db: Database, worker: Process, skills: list[str]) 
     assert "Traceback" not in worker.log()
 
 
+@pytest.mark.slow
 def test_connections_cut_between_ollamas_answer_and_the_write_lose_nothing(
     db: Database, busy_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
@@ -83,6 +84,7 @@ def waiting_on_locks(db: Database) -> list[str]:
     return [str(row.query) for row in rows]
 
 
+@pytest.mark.slow
 def test_connections_cut_while_a_batch_records_and_while_one_claims_lose_nothing(
     db: Database, busy_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
@@ -146,6 +148,7 @@ def queue_drained(redis_url: str) -> bool:
         client.close()
 
 
+@pytest.mark.slow
 def test_the_database_refusing_connections_mid_fan_out_queues_every_job_exactly_once(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:

@@ -141,6 +141,7 @@ def test_flower_answers_the_configured_credentials(flower: Flower) -> None:
     assert isinstance(response.json(), dict)
 
 
+@pytest.mark.slow
 def test_flower_is_protected_by_basic_auth_set_in_the_env_file(
     flower_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -228,6 +229,7 @@ def test_flower_shows_a_queued_job_before_a_worker_takes_it(
     wait_until(lambda: flower.job_state(waiting) == "SUCCESS", what="the job to run after")
 
 
+@pytest.mark.slow
 def test_flower_refuses_to_start_without_a_login(
     flower_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -247,6 +249,7 @@ def test_flower_refuses_to_start_without_a_login(
     assert result.stdout.strip() == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "args"),
     [

@@ -52,6 +52,7 @@ def metrics_url(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     assert "Traceback" not in process.log()
 
 
+@pytest.mark.slow
 def test_metrics_follow_a_backfill_until_the_queue_is_empty(
     db: Database, metrics_url: str, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:

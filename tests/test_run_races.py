@@ -100,6 +100,7 @@ def test_two_backfills_started_together_send_each_skill_to_ollama_once(
     assert out.strip().endswith("Done. Embedded 48/48 skills. 0 failures.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("first", "second", "scope"),
     [
@@ -179,6 +180,7 @@ def status_json(env: dict[str, str]) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
+@pytest.mark.slow
 def test_a_skill_deleted_or_unpublished_during_a_run_is_no_failure(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -214,6 +216,7 @@ def test_a_skill_deleted_or_unpublished_during_a_run_is_no_failure(
     assert run["left_catalog"] == {"unpublished": 1, "deleted": 1}
 
 
+@pytest.mark.slow
 def test_the_summary_is_exact_when_the_catalog_changes_during_the_run(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:

@@ -44,6 +44,7 @@ def one_skill_a_request(embedder_env: dict[str, str], tmp_path: Path) -> Iterato
         process.stop()
 
 
+@pytest.mark.slow
 def test_failures_name_the_skills_ollama_refused_with_the_reason(
     db: Database,
     one_skill_a_request: Process,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from devstack.fake_ollama import FakeOllama
@@ -35,9 +36,11 @@ def swapping_backend(db: Database) -> int | None:
     return None if pid is None else int(str(pid))
 
 
+@pytest.mark.slow
 def test_a_connection_cut_during_the_swap_rolls_it_back_and_it_swaps_once(
-    db: Database, worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
+    db: Database, own_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
+    worker = own_worker  # its connections are cut: not the shared worker
     skills = sorted(backfilled(db, worker, embedder_env, 200))
     names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
     sampler = Sampler(db)
@@ -90,6 +93,7 @@ def test_a_connection_cut_during_the_swap_rolls_it_back_and_it_swaps_once(
     assert_new_vectors_of_current_text(db)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_staging_is_finished_by_another_and_swaps_once(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
