@@ -31,7 +31,6 @@ from tests.databases import (
 from tests.processes import Process, start_worker
 from tests.shared_worker import SharedWorker
 
-
 # Whole end-to-end modules (the demo, the compose file, broker outages): slow throughout.
 SLOW_MODULES = {"test_demo.py", "test_compose.py", "test_outages.py"}
 
@@ -97,9 +96,16 @@ def shared(
 
 
 def uses_shared_worker(request: pytest.FixtureRequest) -> bool:
-    """Whether the test's `worker` is this file's (a module may define a `worker` of its own)."""
-    definitions = request.node._fixtureinfo.name2fixturedefs.get("worker", ())
-    return bool(definitions) and definitions[-1].func.__module__ == __name__
+    """Whether the test's `worker` is the shared one: it is this file's `worker` (a module may
+    define its own), and the test does not ask for `redis_server`, the Redis it would stop or
+    restart under a worker (such a test gets a worker of its own on that Redis)."""
+    info = request.node._fixtureinfo
+    definitions = info.name2fixturedefs.get("worker", ())
+    return (
+        bool(definitions)
+        and definitions[-1].func.__module__ == __name__
+        and "redis_server" not in info.argnames
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -225,11 +231,21 @@ def embedder_env(db: Database, redis_url: str, ollama: FakeOllama) -> dict[str, 
 
 
 @pytest.fixture
-def worker(request: pytest.FixtureRequest, embedder_env: dict[str, str]) -> Process:
+def worker(
+    request: pytest.FixtureRequest, embedder_env: dict[str, str], tmp_path: Path
+) -> Iterator[Process]:
     """A real `celery -A worker worker` process serving this test, idle when it starts: the
-    session's shared one (tests.shared_worker); its `log()` holds this test's lines only."""
-    stack: SharedWorker = request.getfixturevalue("shared")
-    return stack.serve(embedder_env)
+    session's shared one (tests.shared_worker), whose `log()` holds this test's lines only, or
+    one of the test's own (see uses_shared_worker)."""
+    if uses_shared_worker(request):
+        stack: SharedWorker = request.getfixturevalue("shared")
+        yield stack.serve(embedder_env)
+        return
+    process = start_worker(embedder_env, tmp_path / "worker.log")
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture
