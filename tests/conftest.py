@@ -245,7 +245,7 @@ def worker(
     try:
         yield process
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
 @pytest.fixture
@@ -256,4 +256,4 @@ def own_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process
     try:
         yield process
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test

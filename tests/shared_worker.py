@@ -83,7 +83,7 @@ class SharedWorker:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.stop()
+            self.process.kill()  # between tests: no job of a test left to finish
         self.process = None
 
     def close(self) -> None:

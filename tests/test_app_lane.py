@@ -113,7 +113,7 @@ def fast_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Proces
     env = {**embedder_env, "OLLAMA_TIMEOUT_SECONDS": "1", "EMBED_MAX_DELIVERIES": "3"}
     process = start_worker(env, tmp_path / "worker.log")
     yield process
-    process.stop()
+    process.kill()  # the test is over: its shutdown is not under test
 
 
 def requests_sent(ollama: FakeOllama) -> list[list[str]]:

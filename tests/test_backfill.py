@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,13 +199,15 @@ def test_a_worker_killed_mid_backfill_closes_its_run_soon_after_a_new_worker_sta
     # Production settings: the dead worker's messages stay out of reach for an hour.
     assert "BROKER_VISIBILITY_TIMEOUT_SECONDS" not in embedder_env
     db.add_tenant(TENANT_A)
-    skills = published_catalog(db, 300)
+    skills = published_catalog(db, 192)
     ollama.request_latency = 0.02
+    # A short request timeout: the dead worker's Ollama slot frees itself sooner.
+    env = {**embedder_env, "OLLAMA_TIMEOUT_SECONDS": "1"}
     # Runs go in skill id order, 32 a batch: hold the fifth batch, so the worker dies with
     # batches written before it and the rest of the run (and its held messages) not done.
     names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
-    gate = ollama.hold(match=names[sorted(skills)[150]])
-    first = start_worker(embedder_env, tmp_path / "first.log", "first")
+    gate = ollama.hold(match=names[sorted(skills)[128]])
+    first = start_worker(env, tmp_path / "first.log", "first")
     try:
         call_backfill(embedder_env)
         gate.wait_held()
@@ -214,20 +215,17 @@ def test_a_worker_killed_mid_backfill_closes_its_run_soon_after_a_new_worker_sta
         first.kill()
         gate.release()
     written = len(embedded_ids(db))
-    assert 96 <= written < 300
+    assert 96 <= written < 192
 
-    second = start_worker(embedder_env, tmp_path / "second.log", "second")
+    second = start_worker(env, tmp_path / "second.log", "second")
     try:
-        started = time.monotonic()
         wait_until(lambda: summaries(second.log()), timeout=60, what="the summary")
-        closed_after = time.monotonic() - started
     finally:
         second.stop()
 
-    assert closed_after < 60
-    assert summaries(first.log() + second.log()) == [(300, 300, 0)]
+    assert summaries(first.log() + second.log()) == [(192, 192, 0)]
     assert embedded_ids(db) == set(skills)
-    assert db.scalar("SELECT count(*) FROM skill_embeddings") == 300
+    assert db.scalar("SELECT count(*) FROM skill_embeddings") == 192
 
 
 @pytest.fixture
@@ -239,7 +237,7 @@ def beat(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
         tmp_path / "beat.log",
     ).start(ready="beat: Starting")
     yield process
-    process.stop()
+    process.kill()  # the test is over: its shutdown is not under test
 
 
 def test_a_backfill_delivered_again_resumes_its_run_instead_of_starting_another(

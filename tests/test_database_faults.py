@@ -27,7 +27,7 @@ def busy_worker(
     ollama.request_latency, ollama.input_latency = 0.0075, 0.0043
     process = start_worker(embedder_env, tmp_path / "worker.log")
     yield process
-    process.stop()
+    process.kill()  # the test is over: its shutdown is not under test
 
 
 def cut_worker_connections(db: Database) -> int:

@@ -45,7 +45,7 @@ def live_worker(health_env: dict[str, str], tmp_path: Path) -> Iterator[Process]
     finally:
         if process.process is not None and process.process.poll() is None:
             os.killpg(process.process.pid, signal.SIGCONT)
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def json_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Proces
     try:
         yield process
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
 def records(log: str) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ def one_skill_a_request(embedder_env: dict[str, str], tmp_path: Path) -> Iterato
     try:
         yield process
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
 @pytest.mark.slow
