@@ -131,9 +131,9 @@ def test_a_skill_in_a_burst_that_kills_the_pool_process_is_isolated_and_given_up
 ) -> None:
     worker = fast_worker
     db.add_tenant(TENANT_A)
-    skills = catalog(db, 6)
+    skills = catalog(db, 3)
     poison = db.add_skill(TENANT_A, "Poison pill", "POISON kills whoever embeds it")
-    skills.insert(3, poison)
+    skills.insert(1, poison)
     # At the gate before the burst is let go: the burst's first batch, the poison's, is held.
     gate = ollama.hold(match="POISON")
     jobs = burst_behind_a_leader(db, ollama, producer, skills)
