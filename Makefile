@@ -4,7 +4,7 @@ PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench up down clean
+.PHONY: install test test-fast lint demo bench up down clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(STAMP) ## create .venv and install the project with its dev extra
 
 test: $(STAMP) ## run the whole suite against throwaway PostgreSQL, Redis and a fake Ollama
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the suite less its `slow` tests (own worker processes, large catalogs)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy --strict
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,9 @@
-"""Throwaway servers (PostgreSQL + pgvector, Redis, fake Ollama, workers); fresh state per test."""
+"""Throwaway servers (PostgreSQL + pgvector, Redis, fake Ollama, workers); fresh state per test.
+
+A test that asks for `worker` gets the session's shared worker (tests.shared_worker), and with
+it that worker's database and Redis, emptied before the test; every other test gets a database
+of its own and the session's other Redis, emptied.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,16 @@ from tests.databases import (
     throwaway_database,
 )
 from tests.processes import Process, start_worker
+from tests.shared_worker import SharedWorker
+
+# Whole end-to-end modules (the demo, the compose file, broker outages): slow throughout.
+SLOW_MODULES = {"test_demo.py", "test_compose.py", "test_outages.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +82,54 @@ def app_db(postgres: LocalPostgres, app_template: str) -> Iterator[Database]:
         yield database
 
 
+@pytest.fixture(scope="session")
+def shared(
+    postgres: LocalPostgres, worker_template: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedWorker]:
+    server = LocalRedis().start()
+    stack = SharedWorker(postgres, worker_template, server, tmp_path_factory.mktemp("shared"))
+    try:
+        yield stack
+    finally:
+        stack.close()
+        server.stop()
+
+
+def uses_shared_worker(request: pytest.FixtureRequest) -> bool:
+    """Whether the test's `worker` is the shared one: it is this file's `worker` (a module may
+    define its own), and the test does not ask for `redis_server`, the Redis it would stop or
+    restart under a worker (such a test gets a worker of its own on that Redis)."""
+    info = request.node._fixtureinfo
+    definitions = info.name2fixturedefs.get("worker", ())
+    return (
+        bool(definitions)
+        and definitions[-1].func.__module__ == __name__
+        and "redis_server" not in info.argnames
+    )
+
+
+@pytest.fixture(autouse=True)
+def _shared_state_reset(request: pytest.FixtureRequest) -> None:
+    """Before anything else of a test on the shared worker: the worker idle, its database and
+    Redis empty, the fake Ollama's gates released and its stats cleared."""
+    if not uses_shared_worker(request):
+        return
+    fake: FakeOllama = request.getfixturevalue("ollama")
+    stack: SharedWorker = request.getfixturevalue("shared")
+    stack.reset()
+    fake.reset()  # anything the previous test's last job sent is not this test's
+
+
 @pytest.fixture
-def db(postgres: LocalPostgres, worker_template: str) -> Iterator[Database]:
+def db(
+    request: pytest.FixtureRequest, postgres: LocalPostgres, worker_template: str
+) -> Iterator[Database]:
     """The drop-in case: the app's tables plus the worker's, with no rows."""
+    if uses_shared_worker(request):
+        stack: SharedWorker = request.getfixturevalue("shared")
+        yield stack.database
+        stack.database.dispose()
+        return
     with throwaway_database(postgres, worker_template) as database:
         yield database
 
@@ -86,8 +146,7 @@ def sessions(db: Database) -> Iterator[SessionFactory]:
 def pending_run(db: Database, sessions: SessionFactory) -> str:
     """The id of a run of 10 published skills, all pending, as `tasks.backfill` records it."""
     db.add_tenant(TENANT_A)
-    for i in range(10):
-        db.add_skill(TENANT_A, f"Catalog skill {i:04d}", f"Does useful thing number {i}")
+    db.published_catalog(TENANT_A, 10)
     run_id = str(uuid.uuid4())
     with sessions.begin() as session:
         runs.create_run(session, run_id, None, False)
@@ -140,8 +199,11 @@ def _listening(port: int) -> bool:
 
 
 @pytest.fixture
-def redis_url(redis_server: LocalRedis) -> str:
+def redis_url(request: pytest.FixtureRequest, redis_server: LocalRedis) -> str:
     """The session's Redis, emptied: no queued job leaks from one test into the next."""
+    if uses_shared_worker(request):
+        stack: SharedWorker = request.getfixturevalue("shared")
+        return stack.redis_url  # emptied by _shared_state_reset, Kombu's bindings kept
     if redis_server.process is None or redis_server.process.poll() is not None:
         redis_server.start()
     client = redis.Redis.from_url(redis_server.url)
@@ -169,10 +231,29 @@ def embedder_env(db: Database, redis_url: str, ollama: FakeOllama) -> dict[str, 
 
 
 @pytest.fixture
-def worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
-    """A real `celery -A worker worker` process for this test."""
+def worker(
+    request: pytest.FixtureRequest, embedder_env: dict[str, str], tmp_path: Path
+) -> Iterator[Process]:
+    """A real `celery -A worker worker` process serving this test, idle when it starts: the
+    session's shared one (tests.shared_worker), whose `log()` holds this test's lines only, or
+    one of the test's own (see uses_shared_worker)."""
+    if uses_shared_worker(request):
+        stack: SharedWorker = request.getfixturevalue("shared")
+        yield stack.serve(embedder_env)
+        return
     process = start_worker(embedder_env, tmp_path / "worker.log")
     try:
         yield process
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
+
+
+@pytest.fixture
+def own_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
+    """A `celery -A worker worker` process of this test's alone: for tests that kill it, cut its
+    connections or hold it up."""
+    process = start_worker(embedder_env, tmp_path / "worker.log")
+    try:
+        yield process
+    finally:
+        process.kill()  # the test is over: its shutdown is not under test

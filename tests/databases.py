@@ -22,6 +22,30 @@ TENANT_B = "tenant-bbbb-0000-0000-000000000002"
 
 _names = itertools.count(1)
 
+SCHEMA_DIGEST = """
+SELECT md5(string_agg(item, ',' ORDER BY item)) FROM (
+  SELECT c.relname || ':' || c.relkind::text || ':' || coalesce(c.relacl::text, '') || ':'
+         || c.relrowsecurity::text || ':' || coalesce((
+           SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ';'
+                             ORDER BY a.attnum)
+           FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         ), '')
+  FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace
+  UNION ALL
+  SELECT p.polname || ':' || p.polrelid::regclass::text || ':'
+         || coalesce(pg_get_expr(p.polqual, p.polrelid), '')
+  FROM pg_policy p
+  UNION ALL
+  SELECT 'fn:' || p.oid::regprocedure::text || ':' || md5(p.prosrc)
+  FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
+  UNION ALL
+  SELECT 'tg:' || t.tgname || ':' || t.tgrelid::regclass::text
+  FROM pg_trigger t WHERE NOT t.tgisinternal
+  UNION ALL
+  SELECT 'ns:' || coalesce(n.nspacl::text, '') FROM pg_namespace n WHERE n.nspname = 'public'
+) AS digest(item)
+"""
+
 
 def create_roles(server: LocalPostgres) -> None:
     server.psql(
@@ -124,6 +148,31 @@ class Database:
         )
         return skill_id
 
+    def add_skills(
+        self, tenant_id: str, skills: list[tuple[str, str]], *, status: str = "published"
+    ) -> list[str]:
+        """Many skills (name, description) in one statement; their ids in the same order."""
+        ids = [str(uuid.uuid4()) for _ in skills]
+        self.execute(
+            "INSERT INTO skills (id, tenant_id, slug, name, description, content, status,"
+            " visibility) SELECT id, :tenant, id, name, description, '', :status, 'tenant'"
+            " FROM unnest(CAST(:ids AS text[]), CAST(:names AS text[]),"
+            " CAST(:descriptions AS text[])) AS s(id, name, description)",
+            tenant=tenant_id,
+            status=status,
+            ids=ids,
+            names=[name for name, _ in skills],
+            descriptions=[description for _, description in skills],
+        )
+        return ids
+
+    def published_catalog(self, tenant_id: str, count: int) -> list[str]:
+        """`count` published skills, "Catalog skill 0000" on, in one statement."""
+        return self.add_skills(
+            tenant_id,
+            [(f"Catalog skill {i:04d}", f"Does useful thing number {i}") for i in range(count)],
+        )
+
     def edit_skill(self, skill_id: str, **columns: str) -> None:
         assignments = ", ".join(f"{column} = :{column}" for column in columns)
         self.execute(
@@ -137,6 +186,28 @@ class Database:
             "SELECT id, tenant_id, skill_id, embedding::text AS embedding, model_name, dimensions,"
             " input_hash FROM skill_embeddings ORDER BY skill_id"
         )
+
+    def reset(self, tables: list[str]) -> None:
+        """Empty `tables` (a shared database between tests); waits at most a few seconds for a
+        lock, so a transaction left open shows up as an error instead of a hang."""
+        with self.admin.begin() as connection:
+            connection.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
+            connection.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+
+    def schema(self) -> str:
+        """A digest of what a test could change beyond rows: relations, columns, grants,
+        policies, functions and triggers of the public schema."""
+        return str(self.scalar(SCHEMA_DIGEST))
+
+    def tables(self) -> list[str]:
+        """The tables that hold rows, all but the migrations' own version table."""
+        return [
+            str(row.tablename)
+            for row in self.rows(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                " AND tablename NOT LIKE '%version%' ORDER BY tablename"
+            )
+        ]
 
     def dispose(self) -> None:
         for engine in self._engines:

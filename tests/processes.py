@@ -19,6 +19,7 @@ class Process:
         self.env = env
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_from = 0
 
     def start(self, ready: str | None = None, timeout: float = 60.0) -> Process:
         log = self.log_path.open("ab")
@@ -31,7 +32,19 @@ class Process:
         return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """What the process wrote since it started, or since `new_log_section` if it serves
+        test after test: each test reads its own part of a shared worker's log."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_from)
+            return log.read().decode(errors="replace")
+
+    def new_log_section(self) -> None:
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def wait_for(self, predicate: Callable[[str], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from celery import Celery
 from devstack.fake_ollama import FakeOllama
 from tasks.queues import EMBED_SKILL, INTERACTIVE
 from tasks.text import input_hash, skill_text
+from tests.backfills import embedded_ids
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import embedded_ids
 from tests.waiting import wait_until
 
 
@@ -49,9 +48,9 @@ def row_hash(db: Database, skill_id: str) -> object:
 
 
 def catalog(db: Database, count: int, label: str = "Imported skill") -> list[str]:
-    return [
-        db.add_skill(TENANT_A, f"{label} {i:03d}", f"Imported number {i}") for i in range(count)
-    ]
+    return db.add_skills(
+        TENANT_A, [(f"{label} {i:03d}", f"Imported number {i}") for i in range(count)]
+    )
 
 
 def burst_behind_a_leader(db: Database, ollama: FakeOllama, producer: Celery,
@@ -114,42 +113,57 @@ def fast_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Proces
     env = {**embedder_env, "OLLAMA_TIMEOUT_SECONDS": "1", "EMBED_MAX_DELIVERIES": "3"}
     process = start_worker(env, tmp_path / "worker.log")
     yield process
-    process.stop()
+    process.kill()  # the test is over: its shutdown is not under test
 
 
+def requests_sent(ollama: FakeOllama) -> list[list[str]]:
+    """Each /api/embed request's texts, in order (those answered into a dead connection too)."""
+    texts, sent = ollama.texts, []
+    for size in ollama.batch_sizes:
+        sent.append(texts[:size])
+        texts = texts[size:]
+    return sent
+
+
+@pytest.mark.slow
 def test_a_skill_in_a_burst_that_kills_the_pool_process_is_isolated_and_given_up(
     db: Database, fast_worker: Process, ollama: FakeOllama, producer: Celery
 ) -> None:
     worker = fast_worker
     db.add_tenant(TENANT_A)
-    skills = catalog(db, 6)
+    skills = catalog(db, 3)
     poison = db.add_skill(TENANT_A, "Poison pill", "POISON kills whoever embeds it")
-    skills.insert(3, poison)
+    skills.insert(1, poison)
+    # At the gate before the burst is let go: the burst's first batch, the poison's, is held.
+    gate = ollama.hold(match="POISON")
     jobs = burst_behind_a_leader(db, ollama, producer, skills)
 
     kills = 0
-    gate = ollama.hold(match="POISON")
-    deadline = time.monotonic() + 90
-    while jobs[poison] not in job_results(worker.log()) and time.monotonic() < deadline:
-        try:
-            gate.wait_held(timeout=1)
-        except TimeoutError:
-            continue
+    while kills < 3:
+        gate.wait_held()
         assert worker.process is not None
         [child] = psutil.Process(worker.process.pid).children()
         child.kill()  # as the OOM killer would: SIGKILL, no cleanup
         child.wait()
         kills += 1
-        gate.release()  # answers into the dead connection
-        gate = ollama.hold(match="POISON")
-    gate.release()
+        if kills < 3:
+            gate.release()  # answers into the dead connection
+            gate = ollama.hold(match="POISON")
+        else:
+            gate.release()
+    wait_until(lambda: jobs[poison] in job_results(worker.log()), timeout=60,
+               what="the poison's job to end")  # fmt: skip
 
-    assert kills == 3
     fine = set(skills) - {poison}
     wait_until(lambda: fine <= embedded_ids(db), what="the rest of the burst")
     assert poison not in embedded_ids(db)
     died = "the worker process died 3 times while embedding Poison pill"
     assert died in job_results(worker.log())[jobs[poison]]
+    # The first death took the burst's batch with it; after it the poison went alone, twice,
+    # and never again.
+    poison_text = skill_text("Poison pill", "POISON kills whoever embeds it")
+    with_poison = [sent for sent in requests_sent(ollama) if poison_text in sent]
+    assert [len(sent) for sent in with_poison] == [len(skills), 1, 1]
 
 
 def test_an_edit_that_arrives_while_an_older_job_is_in_a_batch_wins(
@@ -210,6 +224,7 @@ def test_a_later_edit_of_a_skill_embedded_ahead_is_embedded_again(
     assert job_results(worker.log())[newer] == "embedded"
 
 
+@pytest.mark.slow
 def test_a_skill_edited_more_often_than_its_death_cap_is_embedded_each_time(
     db: Database, fast_worker: Process, producer: Celery, embedder_env: dict[str, str]
 ) -> None:

@@ -11,9 +11,10 @@ import pytest
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
+from tasks.text import skill_text
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 
@@ -21,9 +22,10 @@ from tests.waiting import wait_until
 def batch_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
     process = start_worker({**embedder_env, "EMBED_BATCH_SIZE": "8"}, tmp_path / "worker.log")
     yield process
-    process.stop()
+    process.kill()  # the test is over: its shutdown is not under test
 
 
+@pytest.mark.slow
 def test_a_backfill_sends_its_skills_in_batches(
     db: Database, batch_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
@@ -46,6 +48,7 @@ def test_a_backfill_sends_its_skills_in_batches(
     assert len(re.findall(r"\[\d+/40\] Embedded: ", batch_worker.log())) == 40
 
 
+@pytest.mark.slow
 def test_a_rejected_batch_is_split_so_only_the_bad_input_fails(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -68,6 +71,7 @@ def test_a_rejected_batch_is_split_so_only_the_bad_input_fails(
     assert "Retrying" not in worker.log()
 
 
+@pytest.mark.slow
 def test_malformed_answers_to_a_batch_are_retried_and_fail_no_skill(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -93,25 +97,36 @@ def test_malformed_answers_to_a_batch_are_retried_and_fail_no_skill(
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_publish_during_a_long_backfill_is_embedded_before_it_ends(
     db: Database, batch_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
     db.add_tenant(TENANT_A)
-    published_catalog(db, 400)
-    ollama.input_latency = 0.004
-    call_backfill(embedder_env)
-    wait_until(lambda: embedded_ids(db), what="the backfill to start")
+    skills = sorted(published_catalog(db, 240))
+    names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
+    texts = {str(r.id): skill_text(str(r.name), str(r.description))
+             for r in db.rows("SELECT id, name, description FROM skills")}  # fmt: skip
+    # Batches go in skill id order, 8 a batch: the third is held while the app publishes, so
+    # 27 of the run's 30 batches are still to come.
+    gate = ollama.hold(match=names[skills[16]])
+    try:
+        call_backfill(embedder_env)
+        gate.wait_held()
+        urgent = db.add_skill(TENANT_A, "Urgent new skill", "Published while the backfill runs")
+        assert enqueue_embed_skill(urgent, TENANT_A, broker_url=embedder_env["REDIS_URL"])
+    finally:
+        gate.release()
 
-    urgent = db.add_skill(TENANT_A, "Urgent new skill", "Published while the backfill runs")
-    assert enqueue_embed_skill(urgent, TENANT_A, broker_url=embedder_env["REDIS_URL"])
-
-    wait_until(lambda: urgent in embedded_ids(db), what="the publish's row")
-    assert not summaries(batch_worker.log()), "the publish waited for the whole backfill"
-    assert len(embedded_ids(db)) < 300
     wait_until(lambda: summaries(batch_worker.log()), timeout=60, what="the summary")
-    assert summaries(batch_worker.log()) == [(400, 400, 0)]
+    assert summaries(batch_worker.log()) == [(240, 240, 0)]
+    wait_until(lambda: urgent in embedded_ids(db), what="the publish's row")
+    sent = ollama.texts
+    urgent_text = skill_text("Urgent new skill", "Published while the backfill runs")
+    # Ollama saw the publish before the backfill's last batch: it did not wait behind the run.
+    assert sent.index(urgent_text) < sent.index(texts[skills[-1]])
 
 
+@pytest.mark.slow
 def test_a_backfill_queues_its_jobs_a_chunk_at_a_time(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:

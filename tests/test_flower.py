@@ -15,11 +15,11 @@ import pytest
 from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port, wait_for_port
 from devstack.postgres import LocalPostgres
-from devstack.redis import LocalRedis
 from tasks import enqueue_embed_skill
 from tasks.queues import BULK, CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, celery
+from tests.shared_worker import SharedWorker
 from tests.waiting import wait_until
 
 CREDENTIALS = ("admin", "secret")
@@ -72,13 +72,13 @@ def start_flower(env: dict[str, str], log_path: Path, *celery_args: str) -> Flow
 
 @pytest.fixture(scope="module")
 def flower_env(
-    postgres: LocalPostgres, redis_server: LocalRedis, ollama_server: FakeOllama
+    postgres: LocalPostgres, shared: SharedWorker, ollama_server: FakeOllama
 ) -> dict[str, str]:
-    """The worker's settings on the test broker (Flower itself never opens the database)."""
+    """The worker's settings on the shared worker's broker (Flower never opens the database)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FLOWER_")}
     env.update(
         DATABASE_URL=postgres.url(),
-        REDIS_URL=redis_server.url,
+        REDIS_URL=shared.redis_url,
         OLLAMA_URL=ollama_server.url,
         PYTHONPATH=str(PROJECT_ROOT),
         PYTHONUNBUFFERED="1",
@@ -141,6 +141,7 @@ def test_flower_answers_the_configured_credentials(flower: Flower) -> None:
     assert isinstance(response.json(), dict)
 
 
+@pytest.mark.slow
 def test_flower_is_protected_by_basic_auth_set_in_the_env_file(
     flower_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -206,12 +207,29 @@ def test_flower_lists_each_embed_job_with_its_state_retries_and_reason(
     assert "answered 500" in retried["exception"]  # the last retry's reason stays visible
 
 
-def test_flower_shows_a_queued_job_before_a_worker_takes_it(flower: Flower, redis_url: str) -> None:
-    assert enqueue_embed_skill("waiting-skill", TENANT_A, broker_url=redis_url)
+def test_flower_shows_a_queued_job_before_a_worker_takes_it(
+    db: Database,
+    tenant: str,
+    flower: Flower,
+    watched_worker: str,
+    redis_url: str,
+    ollama: FakeOllama,
+) -> None:
+    ahead = db.add_skill(tenant, "Review pull requests", "Keeps the worker busy")
+    waiting = db.add_skill(tenant, "Explain a SQL query plan", "Waits for its turn")
+    gate = ollama.hold()
+    try:
+        assert enqueue_embed_skill(ahead, tenant, broker_url=redis_url)
+        gate.wait_held()  # the worker's one job is with Ollama: no worker takes the next one
+        assert enqueue_embed_skill(waiting, tenant, broker_url=redis_url)
 
-    wait_until(lambda: flower.job_state("waiting-skill") == "PENDING", 1.5, "the sent event")
+        wait_until(lambda: flower.job_state(waiting) == "PENDING", what="the sent event")
+    finally:
+        gate.release()
+    wait_until(lambda: flower.job_state(waiting) == "SUCCESS", what="the job to run after")
 
 
+@pytest.mark.slow
 def test_flower_refuses_to_start_without_a_login(
     flower_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -231,6 +249,7 @@ def test_flower_refuses_to_start_without_a_login(
     assert result.stdout.strip() == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "args"),
     [

@@ -13,9 +13,9 @@ import pytest
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
+from tests.backfills import published_catalog, summaries
 from tests.databases import OWNER, TENANT_A, Database
 from tests.processes import celery, start_worker
-from tests.test_backfill import published_catalog, summaries
 from tests.waiting import wait_until
 
 ROLE = "embedder_granted"
@@ -51,6 +51,7 @@ def held(db: Database, role: str) -> set[tuple[str, str]]:
     return {(str(row.table_name), str(row.privilege_type)) for row in rows}
 
 
+@pytest.mark.slow  # a worker of its own
 def test_a_role_with_exactly_the_printed_grants_runs_every_task_and_command(
     db: Database,
     granted_url: str,

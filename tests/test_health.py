@@ -45,9 +45,10 @@ def live_worker(health_env: dict[str, str], tmp_path: Path) -> Iterator[Process]
     finally:
         if process.process is not None and process.process.poll() is None:
             os.killpg(process.process.pid, signal.SIGCONT)
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
+@pytest.mark.slow
 def test_health_fails_within_seconds_of_the_worker_being_stopped(
     live_worker: Process, health_env: dict[str, str]
 ) -> None:
@@ -79,6 +80,7 @@ def test_health_fails_when_no_worker_ever_ran(health_env: dict[str, str]) -> Non
     assert line.startswith("worker: no heartbeat of any worker in ")
 
 
+@pytest.mark.slow
 def test_ready_names_the_ollama_that_lacks_the_model(
     db: Database, live_worker: Process, health_env: dict[str, str], ollama: FakeOllama
 ) -> None:
@@ -97,6 +99,7 @@ def test_ready_names_the_ollama_that_lacks_the_model(
     assert "ollama pull nomic-embed-text" in line
 
 
+@pytest.mark.slow
 def test_ready_names_an_unreachable_redis(live_worker: Process, health_env: dict[str, str]) -> None:
     from devstack.ports import free_port
 

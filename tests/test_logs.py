@@ -22,13 +22,14 @@ def json_worker(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[Proces
     try:
         yield process
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
 def records(log: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_json_logs_carry_the_ids_of_the_job_that_embedded_a_skill(
     db: Database, json_worker: Process, redis_url: str
 ) -> None:

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port
+from tests.backfills import call_backfill, published_catalog
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, published_catalog
 from tests.waiting import wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -48,10 +48,11 @@ def metrics_url(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}/metrics"
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
     assert "Traceback" not in process.log()
 
 
+@pytest.mark.slow
 def test_metrics_follow_a_backfill_until_the_queue_is_empty(
     db: Database, metrics_url: str, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:

@@ -20,9 +20,9 @@ from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port
 from tasks import enqueue_embed_skill
 from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
+from tests.backfills import embedded_ids
 from tests.databases import TENANT_A, Database
 from tests.processes import celery, start_worker
-from tests.test_backfill import embedded_ids
 from tests.test_metrics import scrape, value
 from tests.waiting import wait_until
 
@@ -64,6 +64,7 @@ def warnings(log: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(r": (WARNING|ERROR|CRITICAL)/", line)]
 
 
+@pytest.mark.slow  # a worker of its own
 def test_whatever_a_producer_sends_the_same_worker_refuses_it_in_one_line_and_serves_on(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, producer: Celery,
     tmp_path: Path,

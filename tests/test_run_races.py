@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
 from tasks.queues import INTERACTIVE
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, celery, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 
@@ -28,14 +29,30 @@ def backfill_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "worker", "backfill", *args]
 
 
+def starts_waiting(db: Database) -> int:
+    """Workers' transactions waiting for a lock: the start lock, or the test's on the table."""
+    return int(
+        db.scalar(  # type: ignore[arg-type]
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'everyskill-embedder' AND wait_event_type = 'Lock'"
+        )
+    )
+
+
+@pytest.mark.slow
 def test_two_backfills_started_together_send_each_skill_to_ollama_once(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
     db.add_tenant(TENANT_A)
-    skills = published_catalog(db, 120)
+    skills = published_catalog(db, 48)
     env = {**embedder_env, "EMBED_BATCH_SIZE": "8"}
     # Ollama holds every batch: the first run is still open whatever the second one does.
     gate = ollama.hold()
+    # A start records its run in this table: held here, the first start waits on it, and the
+    # second at the start lock (or, without one, on this table beside the first).
+    admin = db.admin.connect()
+    held = admin.begin()
+    admin.execute(sa.text("LOCK TABLE embedding_runs IN SHARE MODE"))
     # A script and an operator: both backfills are queued before any worker takes one, so the
     # two workers start them side by side.
     queued = subprocess.run(backfill_command(), env=env, capture_output=True, text=True)
@@ -58,28 +75,32 @@ def test_two_backfills_started_together_send_each_skill_to_ollama_once(
         for i in range(2)
     ]  # fmt: skip
     try:
-        for worker in workers:
-            worker.wait_for(lambda log: "ready." in log, 60, "the worker to be ready")
+        wait_until(lambda: starts_waiting(db) == 2, timeout=60, what="both starts under way")
+        held.rollback()
         wait_until(lambda: "joins backfill" in all_logs(workers), what="the second to join")
         gate.release()
         out, err = waiting.communicate(timeout=120)
         wait_until(lambda: summaries(all_logs(workers)), what="the summary")
     finally:
+        if held.is_active:
+            held.rollback()
+        admin.close()
         gate.release()
         waiting.kill()
         for worker in workers:
             worker.stop()
 
     logs = all_logs(workers)
-    assert summaries(logs) == [(120, 120, 0)]
+    assert summaries(logs) == [(48, 48, 0)]
     assert len([line for line in logs.splitlines() if "joins backfill" in line]) == 1
     assert embedded_ids(db) == set(skills)
     texts = ollama.texts
-    assert len(texts) == len(set(texts)) == 120
+    assert len(texts) == len(set(texts)) == 48
     assert waiting.returncode == 0, err
-    assert out.strip().endswith("Done. Embedded 120/120 skills. 0 failures.")
+    assert out.strip().endswith("Done. Embedded 48/48 skills. 0 failures.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("first", "second", "scope"),
     [
@@ -159,6 +180,7 @@ def status_json(env: dict[str, str]) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
+@pytest.mark.slow
 def test_a_skill_deleted_or_unpublished_during_a_run_is_no_failure(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -194,6 +216,7 @@ def test_a_skill_deleted_or_unpublished_during_a_run_is_no_failure(
     assert run["left_catalog"] == {"unpublished": 1, "deleted": 1}
 
 
+@pytest.mark.slow
 def test_the_summary_is_exact_when_the_catalog_changes_during_the_run(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:

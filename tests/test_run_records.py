@@ -8,10 +8,12 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from devstack.fake_ollama import FakeOllama
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, celery, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 
@@ -75,6 +77,7 @@ def test_a_skill_published_during_a_run_is_embedded_before_its_summary(
     assert "Failed" not in worker.log()
 
 
+@pytest.mark.slow  # a worker of its own
 def test_reconcile_prunes_finished_runs_past_the_retention_but_never_an_open_one(
     db: Database, embedder_env: dict[str, str], tmp_path: Path
 ) -> None:

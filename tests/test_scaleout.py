@@ -12,9 +12,9 @@ import pytest
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 # What all-MiniLM costs on this kind of CPU: a batch of 32 holds Ollama for about 145 ms.
@@ -47,7 +47,7 @@ def start(embedder_env: dict[str, str], tmp_path: Path) -> Iterator[object]:
 
     yield start_one
     for process in started:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
 def all_logs(workers: list[Process]) -> str:
@@ -62,6 +62,7 @@ def duplicate_rows(db: Database) -> int:
     )
 
 
+@pytest.mark.slow
 def test_two_workers_each_use_their_own_ollama_when_the_tenant_names_none(
     db: Database, embedder_env: dict[str, str], fakes: list[FakeOllama], start: object
 ) -> None:
@@ -83,6 +84,7 @@ def test_two_workers_each_use_their_own_ollama_when_the_tenant_names_none(
     assert db.scalar("SELECT ollama_url FROM site_settings") == "http://localhost:11434"
 
 
+@pytest.mark.slow
 def test_three_workers_on_one_pinned_ollama_send_it_one_request_at_a_time(
     db: Database, embedder_env: dict[str, str], fakes: list[FakeOllama], start: object
 ) -> None:
@@ -105,6 +107,7 @@ def test_three_workers_on_one_pinned_ollama_send_it_one_request_at_a_time(
     assert all("] Embedded: " in worker.log() for worker in workers)
 
 
+@pytest.mark.slow
 def test_a_worker_started_mid_backfill_takes_part_at_once(
     db: Database, embedder_env: dict[str, str], fakes: list[FakeOllama], start: object
 ) -> None:
@@ -133,6 +136,7 @@ def pool_children(worker: Process) -> list[psutil.Process]:
     return psutil.Process(worker.process.pid).children()
 
 
+@pytest.mark.slow
 def test_a_skill_that_kills_its_pool_process_fails_after_the_delivery_limit(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, start: object
 ) -> None:
@@ -169,6 +173,7 @@ def test_a_skill_that_kills_its_pool_process_fails_after_the_delivery_limit(
     )
 
 
+@pytest.mark.slow
 def test_a_job_from_the_app_that_kills_its_pool_process_is_delivered_at_most_the_limit(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, start: object
 ) -> None:

@@ -13,9 +13,9 @@ import pytest
 
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
+from tests.backfills import call_backfill, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, summaries
 from tests.waiting import wait_until
 
 
@@ -41,9 +41,10 @@ def one_skill_a_request(embedder_env: dict[str, str], tmp_path: Path) -> Iterato
     try:
         yield process
     finally:
-        process.stop()
+        process.kill()  # the test is over: its shutdown is not under test
 
 
+@pytest.mark.slow
 def test_failures_name_the_skills_ollama_refused_with_the_reason(
     db: Database,
     one_skill_a_request: Process,

@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import redis
 from celery import Celery
 
 from devstack.fake_ollama import FakeOllama
+from tasks.queues import INTERACTIVE
+from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import call_backfill, embedded_ids, published_catalog, summaries
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,8 +111,44 @@ def test_the_runtime_knows_no_module_that_embeds() -> None:
     assert not imports & {"tasks.run_loops", "tasks.batching", "tasks.jobs", "tasks.embedding"}
 
 
+# What a producer's own interpreter (the web app's Python side, a script) loads to send a job.
+SEND_PLAIN = """
+import json, sys
+from worker import app
+print(app.send_task("tasks.backfill").id)
+print("MODULES " + json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_loading_the_app_to_send_loads_no_task_module_or_heavy_library(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # A plain interpreter: nothing loaded before the app but what Python itself starts with.
+    # (-I: no PYTHONPATH, no current directory; the project comes from its installed package.)
+    sent = subprocess.run(
+        [sys.executable, "-I", "-c", SEND_PLAIN],
+        env={"REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert sent.returncode == 0, sent.stderr
+    run_id, _, listed = sent.stdout.partition("MODULES ")
+    loaded = set(json.loads(listed))
+    assert sorted(m for m in loaded if m.split(".")[0] in HEAVY) == []
+    assert {m for m in loaded if m.split(".")[0] == "tasks"} <= LIGHT_TASK_MODULES
+    assert "worker.celery_app" in loaded
+    client = redis.Redis.from_url(redis_url)
+    try:
+        [message] = client.lrange(INTERACTIVE, 0, -1)
+    finally:
+        client.close()
+    assert json.loads(message)["headers"]["id"] == run_id.strip()
+
+
 # `celery call` as typed, listing the modules the project's app added to Celery's own CLI (whose
-# plugins, Flower among them, load prometheus_client and tornado for every command).
+# plugins, Flower among them, load prometheus_client and tornado for every command: the plain
+# interpreter's test above is the one that covers those).
 SHOW_MODULES = """
 import atexit, json, sys
 import celery.bin.celery
@@ -121,6 +160,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_celery_call_sends_without_loading_tasks_or_heavy_libraries(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -176,7 +216,8 @@ def test_a_worker_runs_one_job_at_a_time_and_reserves_no_other(
     # Options the worker's command line reads before the tasks and settings load.
     app = Celery("inspect", broker=embedder_env["REDIS_URL"], set_as_current=False)
     try:
-        stats = app.control.inspect(timeout=5).stats() or {}
+        # The worker is alone on its broker: its answer is the one to wait for.
+        stats = app.control.inspect(timeout=10, limit=1).stats() or {}
     finally:
         app.close()
     [node] = stats.values()

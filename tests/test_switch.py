@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from devstack.fake_ollama import FakeOllama, vector_for
 from tasks import enqueue_embed_skill
 from tasks.text import skill_text
+from tests.backfills import call_backfill, published_catalog, summaries
 from tests.databases import APP_ROLE, TENANT_A, Database
 from tests.processes import Process
-from tests.test_backfill import call_backfill, published_catalog, summaries
 from tests.waiting import wait_until
 
 NEW = "embeddinggemma"  # 768 dimensions, like the app's column
@@ -240,10 +240,10 @@ def swap_waits_on_lock(db: Database) -> bool:
 def test_readers_see_exactly_one_model_through_staging_and_the_swap(
     db: Database, worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
-    skills = sorted(backfilled(db, worker, embedder_env, 2000))
+    skills = sorted(backfilled(db, worker, embedder_env, 200))
     names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
     sampler = Sampler(db)
-    gate = ollama.hold(match=names[skills[1000]])
+    gate = ollama.hold(match=names[skills[100]])
     admin = db.admin.connect()
     try:
         started = cli(embedder_env, "switch-model", "--tenant", TENANT_A, "--model", NEW)
@@ -251,7 +251,7 @@ def test_readers_see_exactly_one_model_through_staging_and_the_swap(
         gate.wait_held()
         # Staging: half the catalog staged, the live rows untouched.
         for _ in range(30):
-            assert sampler.sample("staging") == {"nomic-embed-text": 2000}
+            assert sampler.sample("staging") == {"nomic-embed-text": 200}
         # The swap, held from inside: a staged row it must delete is locked here, so its
         # transaction has rewritten every live row and waits, uncommitted, while we read.
         transaction = admin.begin()
@@ -262,11 +262,11 @@ def test_readers_see_exactly_one_model_through_staging_and_the_swap(
         gate.release()
         wait_until(lambda: swap_waits_on_lock(db), timeout=120, what="the swap to reach the lock")
         for _ in range(30):
-            assert sampler.sample("swap") == {"nomic-embed-text": 2000}
+            assert sampler.sample("swap") == {"nomic-embed-text": 200}
         transaction.rollback()
         wait_until(lambda: SWAPPED in worker.log(), what="the swap's line")
         for _ in range(5):
-            assert sampler.sample("after") == {NEW: 2000}
+            assert sampler.sample("after") == {NEW: 200}
     finally:
         gate.release()
         admin.close()
@@ -274,8 +274,8 @@ def test_readers_see_exactly_one_model_through_staging_and_the_swap(
     assert all(len(seen) == 1 for _, seen in sampler.samples)
     assert sampler.phases() == {"staging": 30, "swap": 30, "after": 5}
     assert tenant_model(db) == (NEW, 768)
-    assert live_models(db) == {NEW: 2000}
-    assert staged_summaries(worker.log()) == [(2000, 2000, NEW, 0)]
+    assert live_models(db) == {NEW: 200}
+    assert staged_summaries(worker.log()) == [(200, 200, NEW, 0)]
     assert worker.log().count(SWAPPED) == 1
 
 

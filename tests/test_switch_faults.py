@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from devstack.fake_ollama import FakeOllama
+from tests.backfills import published_catalog
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
-from tests.test_backfill import published_catalog
 from tests.test_switch import (
     NEW,
     SWAPPED,
@@ -35,9 +36,11 @@ def swapping_backend(db: Database) -> int | None:
     return None if pid is None else int(str(pid))
 
 
+@pytest.mark.slow
 def test_a_connection_cut_during_the_swap_rolls_it_back_and_it_swaps_once(
-    db: Database, worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
+    db: Database, own_worker: Process, embedder_env: dict[str, str], ollama: FakeOllama
 ) -> None:
+    worker = own_worker  # its connections are cut: not the shared worker
     skills = sorted(backfilled(db, worker, embedder_env, 200))
     names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
     sampler = Sampler(db)
@@ -90,15 +93,18 @@ def test_a_connection_cut_during_the_swap_rolls_it_back_and_it_swaps_once(
     assert_new_vectors_of_current_text(db)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_staging_is_finished_by_another_and_swaps_once(
     db: Database, embedder_env: dict[str, str], ollama: FakeOllama, tmp_path: Path
 ) -> None:
     db.add_tenant(TENANT_A)
-    skills = sorted(published_catalog(db, 300))
+    skills = sorted(published_catalog(db, 192))
     names = {str(r.id): str(r.name) for r in db.rows("SELECT id, name FROM skills")}
     ollama.request_latency = 0.02
-    gate = ollama.hold(match=names[skills[150]])
-    first = start_worker(embedder_env, tmp_path / "first.log", "first")
+    # A short request timeout: the dead worker's Ollama slot frees itself sooner.
+    env = {**embedder_env, "OLLAMA_TIMEOUT_SECONDS": "1"}
+    gate = ollama.hold(match=names[skills[128]])
+    first = start_worker(env, tmp_path / "first.log", "first")
     try:
         started = cli(embedder_env, "switch-model", "--tenant", TENANT_A, "--model", NEW)
         assert started.returncode == 0, started.stderr
@@ -107,17 +113,17 @@ def test_a_worker_killed_mid_staging_is_finished_by_another_and_swaps_once(
     finally:
         first.kill()
         gate.release()
-    assert 0 < int(str(staged_before)) < 300
+    assert 0 < int(str(staged_before)) < 192
 
-    second = start_worker(embedder_env, tmp_path / "second.log", "second")
+    second = start_worker(env, tmp_path / "second.log", "second")
     try:
         wait_until(lambda: SWAPPED in second.log(), timeout=90, what="the swap")
     finally:
         second.stop()
 
     logs = first.log() + second.log()
-    assert staged_summaries(logs) == [(300, 300, NEW, 0)]
+    assert staged_summaries(logs) == [(192, 192, NEW, 0)]
     assert logs.count(SWAPPED) == 1
-    assert live_models(db) == {NEW: 300}
+    assert live_models(db) == {NEW: 192}
     assert tenant_model(db) == (NEW, 768)
     assert db.scalar("SELECT count(*) FROM staged_embeddings") == 0
