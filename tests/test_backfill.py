@@ -22,8 +22,6 @@ from tests.waiting import wait_until
 
 TENANT_C = "tenant-cccc-0000-0000-000000000003"  # semantic similarity off
 TENANT_D = "tenant-dddd-0000-0000-000000000004"  # inactive
-# Re-exported: older test modules import them from here.
-__all__ = ["call_backfill", "embedded_ids", "published_catalog", "summaries"]
 
 
 def test_backfill_embeds_exactly_the_published_skills_of_enabled_tenants(
