@@ -32,6 +32,7 @@ SMALL: dict[str, str] = {
     "catch_up": "--skills 10000",
     "switch": "--skills 300 --swap-sizes 1000",
     "catalog_scale": "--skills 20000 --tenants 5 --edits 200",
+    "outage": "--lengths 5 20 --rounds 1 --cold-starts 1",
 }
 
 
