@@ -127,6 +127,7 @@ def start_backfill(
     tenants = _enabled_tenants(rt, tenant_id)
     preflight(rt, tenants)
     published = queued = 0
+    closed: runs.RunState | None = None
     # The run and all its items in one transaction: a worker killed while fanning out leaves
     # either nothing or the whole run, and the redelivered message resumes the fan-out.
     with unscoped(rt.sessions) as session:
@@ -150,6 +151,11 @@ def start_backfill(
                 )
                 published += counts[0]
                 queued += counts[1]
+            if not queued:
+                # Nothing to send: the counts just taken are the catalog at the run's end (this
+                # transaction's snapshot), so it closes here, without a second pass over the
+                # tenants' catalogs.
+                closed = runs.mark_fanned_out(session, run_id)
         else:
             run = runs.get_run(session, run_id)
             assert run is not None
@@ -165,6 +171,9 @@ def start_backfill(
         len(tenants),
         queued,
     )
+    if closed is not None:
+        ProgressLog(rt).closed(closed)
+        return {"run_id": run_id, "tenants": len(tenants), "total": published, "queued": 0}
     if before_fanout is not None and queued:
         before_fanout(run_id)
     try:
