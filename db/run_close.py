@@ -34,6 +34,13 @@ class Tally:
     arrived: list[str] = field(default_factory=list)  # published, not current, not an item
 
 
+# Whether the skill's stored row (`e`, LEFT JOINed) is current for the tenant's model and size.
+_CURRENT = (
+    f"coalesce(e.input_hash = {SQL_INPUT_HASH} AND e.model_name = :model"
+    " AND e.dimensions = :dimensions, false)"
+)
+
+
 def run_tenants(session: Session, run_id: str) -> list[str]:
     """The tenants the run covers: named when it started (runs before migration 0009 list them
     only through their items)."""
@@ -72,8 +79,7 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
                 ON e.skill_id = i.skill_id AND e.tenant_id = i.tenant_id
             CROSS JOIN LATERAL (SELECT
                 coalesce(skills.status = '{PUBLISHED}', false) AS published,
-                coalesce(e.input_hash = {SQL_INPUT_HASH} AND e.model_name = :model
-                         AND e.dimensions = :dimensions, false) AS current) AS now
+                {_CURRENT} AS current) AS now
             WHERE i.run_id = :run AND i.tenant_id = :tenant
             """
         ),
@@ -96,8 +102,7 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
             LEFT JOIN skill_embeddings e
                 ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
             CROSS JOIN LATERAL (SELECT
-                coalesce(e.input_hash = {SQL_INPUT_HASH} AND e.model_name = :model
-                         AND e.dimensions = :dimensions, false) AS current) AS now
+                {_CURRENT} AS current) AS now
             WHERE skills.tenant_id = :tenant AND skills.status = '{PUBLISHED}'
               AND NOT EXISTS (SELECT 1 FROM embedding_run_items i
                               WHERE i.run_id = :run AND i.skill_id = skills.id)

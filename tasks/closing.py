@@ -47,13 +47,13 @@ class RunCloser:
         if redo or arrived:
             others = sum(tally.others for _, tally in tallies)
             run_close.reopen(session, run_id, redo, arrived, others)
-            redo += [skill_id for _, skill_id in arrived]
-            self.reopened = redo
+            self.reopened = redo + [skill_id for _, skill_id in arrived]
             logger.info(
-                "%d skills of run %s changed after their batch: embedding them again before"
-                " the summary",
+                "%d skills of run %s changed after their batch and %d were published during"
+                " it: embedding them before the summary",
                 len(redo),
                 run_id,
+                len(arrived),
                 extra={"run_id": run_id},
             )
             return None

@@ -3,8 +3,11 @@ line and the rows it leaves."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
+from typing import Any
 
 from tests.databases import TENANT_A, Database
 from tests.processes import celery
@@ -32,3 +35,15 @@ def embedded_ids(db: Database) -> set[str]:
 def published_catalog(db: Database, count: int, tenant: str = TENANT_A) -> list[str]:
     """`count` published skills of `tenant`, "Catalog skill 0000" on, in one statement."""
     return db.published_catalog(tenant, count)
+
+
+def status_json(env: dict[str, str]) -> dict[str, Any]:
+    """`python -m worker status --json`, as an operator runs it after a backfill."""
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -15,7 +14,13 @@ import sqlalchemy as sa
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
 from tasks.queues import INTERACTIVE
-from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
+from tests.backfills import (
+    call_backfill,
+    embedded_ids,
+    published_catalog,
+    status_json,
+    summaries,
+)
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, celery, start_worker
 from tests.waiting import wait_until
@@ -167,17 +172,6 @@ def test_a_backfill_the_open_run_does_not_cover_is_refused_in_one_line(
                      id=open_run) == 0  # fmt: skip
     assert summaries(log) == [(expected, expected, 0)]
     assert embedded_ids(db) == set(skills[:expected])
-
-
-def status_json(env: dict[str, str]) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "status", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    return dict(json.loads(result.stdout))
 
 
 @pytest.mark.slow

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from devstack.fake_ollama import FakeOllama
-from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
+from tests.backfills import (
+    call_backfill,
+    embedded_ids,
+    published_catalog,
+    status_json,
+    summaries,
+)
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, celery, start_worker
 from tests.waiting import wait_until
@@ -42,14 +46,7 @@ def test_a_backfill_records_only_the_skills_it_sends(
     assert run_items(db, unchanged) == set()
     assert run_items(db, edited) == set(skills[3:5])
     assert ollama.inputs == 14
-    status = subprocess.run(
-        [sys.executable, "-m", "worker", "status", "--json"],
-        env=embedder_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(status.stdout)["kept"] == {"runs": 3, "items": 14, "retention_days": 30.0}
+    assert status_json(embedder_env)["kept"] == {"runs": 3, "items": 14, "retention_days": 30.0}
 
 
 def test_a_skill_published_during_a_run_is_embedded_before_its_summary(

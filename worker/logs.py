@@ -135,9 +135,9 @@ def quiet_libraries() -> None:
     line."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
     trace = logging.getLogger("celery.app.trace")
-    if not any(isinstance(f, _OursIsTheRetryLine) for f in trace.filters):
-        trace.addFilter(_OursIsTheRetryLine())
-        trace.addFilter(_OursIsTheRefusalLine())
+    for ours in (_OursIsTheRetryLine, _OursIsTheRefusalLine):
+        if not any(isinstance(f, ours) for f in trace.filters):
+            trace.addFilter(ours())
     # Filters do not pass down to child loggers: the pool logs under its class's name.
     pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
     if not any(isinstance(f, _OneLineForLostConnections) for f in pool.filters):
