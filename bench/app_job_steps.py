@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         fake = s.fake(7.5, 4.3)
         seed.add_tenants(s.engine, ollama_url=fake.url)
         os.environ.update(s.env(fake.url))
-        from db import job_statements
-        from tasks import app_lane, runtime
+        from db import catalog
+        from tasks import app_lane, runtime, switch
         from tasks.embedding import EmbedRequest
         from tasks.ollama import OllamaClient
         from tasks.slots import OllamaSlots
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             (OllamaSlots, "_acquire", "the Ollama slot"),
             (OllamaClient, "_post", "the request to Ollama (slot included)"),
             (app_lane, "write_vectors", "the write, committed"),
-            (job_statements, "write_current", "  of which the re-read, upsert, clear"),
-            (app_lane, "stage_edits", "staging (a switch under way?)"),
+            (catalog, "write_current", "  of which the re-read, upsert, clear"),
+            (switch.Switching, "now", "a switch under way? (after the write)"),
         )
         for owner, name, label in steps:
             timed(owner, name, label, timings)

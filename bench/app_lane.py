@@ -29,16 +29,16 @@ import uuid
 import redis as redis_lib
 import sqlalchemy as sa
 from celery import Celery
-from sqlalchemy.orm import Session
 
 from bench.harness import Results, RowWatch, console, drained, percentile
 from bench.harness import backfill as timed_backfill
-from db import services
+from db import catalog
+from db.sql import scope_to_tenant
 from devstack import seed
 from devstack.seed import TENANT
 from devstack.stack import CELERY, Stack, stack
+from tasks import enqueue_embed_skill
 from tasks.ollama import OllamaClient
-from tasks.producer import enqueue_embed_skill
 
 
 def add_skills(engine: sa.Engine, count: int, label: str) -> list[str]:
@@ -67,12 +67,11 @@ def upsert_commits(engine: sa.Engine, count: int) -> list[float]:
         for skill_id in add_skills(engine, count, "Written"):
             vector = [random.uniform(-1, 1) for _ in range(768)]
             started = time.perf_counter()
-            with Session(bind=connection) as session:
-                services.upsert_skill_embeddings(session, [{
-                    "tenant_id": TENANT, "skill_id": skill_id, "embedding": vector,
-                    "model_name": "nomic-embed-text", "dimensions": 768, "input_hash": "x",
-                }])  # fmt: skip
-                session.commit()
+            with connection.begin():
+                scope_to_tenant(connection, TENANT)
+                catalog.write_current(connection, TENANT, [
+                    catalog.VectorRow(skill_id, "", vector, "nomic-embed-text", 768, "x")
+                ], checked=False)  # fmt: skip
             latencies.append(time.perf_counter() - started)
             time.sleep(0.05)
     return latencies
@@ -99,7 +98,7 @@ def bare_publishes(s: Stack, env: dict[str, str], count: int) -> list[float]:
     """From `send_task` to the body of a job that does nothing (bench.bare_app's `bare.ping`,
     the worker's options), one by one on an idle worker: what Celery alone costs a publish."""
     app = Celery("bench", broker=s.redis_url, set_as_current=False)
-    app.conf.task_send_sent_event = True  # as tasks.producer sends
+    app.conf.task_send_sent_event = True  # as tasks sends
     broker = redis_lib.Redis.from_url(s.redis_url)
     worker = s.worker(env, app="bench.bare_app", name="bare")
     latencies = []

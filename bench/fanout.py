@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from devstack.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
-QUEUE = "embed_bulk"  # tasks.queues.BULK; kombu's redis transport keeps it as a list of this name
+QUEUE = "embed_bulk"  # tasks.BULK; kombu's redis transport keeps it as a list of this name
 SAMPLE_SECONDS = 0.02
 MB = 1024 * 1024
 

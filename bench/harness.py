@@ -298,29 +298,23 @@ def sequential_loop(engine: sa.Engine, ollama_url: str, tenant: str = TENANT) ->
     and one committed upsert, in order. Returns (skills, seconds)."""
     import httpx
 
-    from db import services
-    from db.session import make_session_factory, tenant_scope
-    from tasks.text import input_hash, skill_text
+    from db import catalog
+    from db.catalog import input_hash, skill_text
+    from db.sql import tenant_scope
 
-    sessions = make_session_factory(engine)
     started = time.perf_counter()
-    with tenant_scope(sessions, tenant) as session:
-        skills = list(services.iter_published_skills(session, tenant))
+    with tenant_scope(engine, tenant) as conn:
+        skills = list(catalog.iter_published_skills(conn, tenant))
     with httpx.Client(timeout=10.0) as client:
         for skill in skills:
             text = skill_text(skill.name, skill.description)
             response = client.post(f"{ollama_url}/api/embed", json={"model": MODEL, "input": text})
             response.raise_for_status()
-            with tenant_scope(sessions, tenant) as session:
-                services.upsert_skill_embedding(
-                    session,
-                    tenant_id=tenant,
-                    skill_id=skill.id,
-                    embedding=response.json()["embeddings"][0],
-                    model_name=MODEL,
-                    dimensions=768,
-                    input_hash=input_hash(text),
-                )
+            vector = response.json()["embeddings"][0]
+            with tenant_scope(engine, tenant) as conn:
+                catalog.write_current(conn, tenant, [
+                    catalog.VectorRow(skill.id, text, vector, MODEL, 768, input_hash(text))
+                ])  # fmt: skip
     return len(skills), time.perf_counter() - started
 
 
@@ -364,7 +358,7 @@ def backfill(
     else:
         from celery import Celery
 
-        from tasks.queues import INTERACTIVE
+        from tasks import INTERACTIVE
 
         app = Celery("bench", broker=env["REDIS_URL"], set_as_current=False)
         run_id = str(app.send_task("tasks.backfill", queue=INTERACTIVE).id)
@@ -405,7 +399,7 @@ def backfill(
 def drained(redis_url: str, poll: float = 0.003) -> None:
     """Until no job waits in a queue or in a worker (kombu keeps a worker's messages in the
     "unacked" hash until it acks them)."""
-    from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
+    from tasks import BULK, CELERY_DEFAULT, INTERACTIVE
 
     client = redis_lib.Redis.from_url(redis_url)
     while any(client.llen(q) for q in (CELERY_DEFAULT, INTERACTIVE, BULK)) or client.hlen(
@@ -452,10 +446,9 @@ def write_ceiling(engine: sa.Engine, count: int, batch: int = 32) -> dict[str, f
     """PostgreSQL's write ceiling: our upsert of `count` vectors, `batch` a statement, from one
     connection, with nothing else running: once with the app's HNSW index, once without it.
     It empties skill_embeddings and drops the index: run it last."""
-    from db import services
-    from db.session import make_session_factory, tenant_scope
+    from db import catalog
+    from db.sql import tenant_scope
 
-    sessions = make_session_factory(engine)
     with engine.connect() as connection:
         skills = [
             str(r.id)
@@ -473,12 +466,11 @@ def write_ceiling(engine: sa.Engine, count: int, batch: int = 32) -> dict[str, f
         started = time.perf_counter()
         for start in range(0, len(skills), batch):
             rows = [
-                {"tenant_id": TENANT, "skill_id": skill_id, "embedding": vectors[start + i],
-                 "model_name": MODEL, "dimensions": 768, "input_hash": "bench"}
+                catalog.VectorRow(skill_id, "", vectors[start + i], MODEL, 768, "bench")
                 for i, skill_id in enumerate(skills[start : start + batch])
-            ]  # fmt: skip
-            with tenant_scope(sessions, TENANT) as session:
-                services.upsert_skill_embeddings(session, rows)
+            ]
+            with tenant_scope(engine, TENANT) as conn:
+                catalog.write_current(conn, TENANT, rows, checked=False)
         rates[label] = len(skills) / (time.perf_counter() - started)
         with engine.begin() as connection:
             connection.exec_driver_sql("DROP INDEX IF EXISTS skill_embeddings_embedding_idx")

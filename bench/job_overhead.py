@@ -30,7 +30,7 @@ from bench.harness import CpuSampler, Results, console, write_ceiling
 from devstack import seed
 from devstack.seed import TENANT
 from devstack.stack import Stack, stack
-from tasks.queues import BULK, EMBED_SKILL
+from tasks import BULK, EMBED_SKILL
 
 # loglevel, options
 VARIANTS: dict[str, tuple[str, list[str]]] = {

@@ -34,7 +34,7 @@ from bench.harness import Results, RowWatch, console
 from devstack import seed
 from devstack.seed import TENANT
 from devstack.stack import Stack, Worker, stack
-from tasks.producer import enqueue_embed_skill
+from tasks import enqueue_embed_skill
 
 RECONNECTED = "MainProcess] Connected to "
 READY = " ready."

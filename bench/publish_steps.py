@@ -21,7 +21,7 @@ from bench.harness import Results, RowWatch
 from devstack import seed
 from devstack.seed import TENANT
 from devstack.stack import stack
-from tasks.producer import enqueue_embed_skill
+from tasks import enqueue_embed_skill
 
 STEPS = (
     ("enqueued", "received", "enqueue_embed_skill until the worker has the message"),

@@ -27,8 +27,7 @@ from bench.harness import backfill as timed_backfill
 from devstack import seed
 from devstack.seed import TENANT
 from devstack.stack import stack
-from tasks.producer import enqueue_embed_skill
-from tasks.queues import INTERACTIVE
+from tasks import INTERACTIVE, enqueue_embed_skill
 
 MODELS = ("nomic-embed-text", "embeddinggemma")
 SWAPPED = re.compile(r"Swapped tenant \S+ from \S+ to \S+ .* in ([\d.]+) s")

@@ -3,12 +3,11 @@ holds its item, and the recovery pass finds runs whose pending items nobody hold
 
 from __future__ import annotations
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 
 def claim_items(
-    session: Session, run_id: str, limit: int, *, including: str | None = None
+    conn: Connection, run_id: str, limit: int, *, including: str | None = None
 ) -> list[tuple[str, str]]:
     """Lock up to `limit` pending items of the run for this transaction; (skill_id, tenant_id).
 
@@ -19,7 +18,7 @@ def claim_items(
     """
     claimed: list[tuple[str, str]] = []
     if including is not None:
-        own = session.execute(
+        own = conn.execute(
             text(
                 "SELECT skill_id, tenant_id FROM embedding_run_items"
                 " WHERE run_id = :run AND skill_id = :skill AND outcome IS NULL"
@@ -31,7 +30,7 @@ def claim_items(
             return []
         claimed.append((str(own.skill_id), str(own.tenant_id)))
     if limit > len(claimed):
-        rows = session.execute(
+        rows = conn.execute(
             text(
                 "SELECT skill_id, tenant_id FROM embedding_run_items"
                 " WHERE run_id = :run AND outcome IS NULL"
@@ -45,18 +44,18 @@ def claim_items(
 
 
 def wait_for_item(
-    session: Session, run_id: str, skill_id: str, *, timeout_seconds: float
+    conn: Connection, run_id: str, skill_id: str, *, timeout_seconds: float
 ) -> tuple[str | None, str | None] | None:
     """Wait for the batch that holds the item to end, then lock it; (outcome, detail).
 
     None when the run has no such item. A lock still held after `timeout_seconds` raises
     sqlalchemy's OperationalError (lock_timeout), which callers treat as transient.
     """
-    session.execute(
+    conn.execute(
         text("SELECT set_config('lock_timeout', :ms, true)"),
         {"ms": f"{int(timeout_seconds * 1000)}ms"},
     )
-    row = session.execute(
+    row = conn.execute(
         text(
             "SELECT outcome, detail FROM embedding_run_items"
             " WHERE run_id = :run AND skill_id = :skill FOR UPDATE"
@@ -66,9 +65,9 @@ def wait_for_item(
     return None if row is None else (row.outcome, row.detail)
 
 
-def runs_with_free_items(session: Session) -> list[tuple[str, bool]]:
+def runs_with_free_items(conn: Connection) -> list[tuple[str, bool]]:
     """(run_id, force) of open runs with a pending item that no batch holds right now."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             """
             SELECT r.id, r.force FROM embedding_runs r
@@ -83,9 +82,9 @@ def runs_with_free_items(session: Session) -> list[tuple[str, bool]]:
     return [(str(r.id), bool(r.force)) for r in rows]
 
 
-def item_outcome(session: Session, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
+def item_outcome(conn: Connection, run_id: str, skill_id: str) -> tuple[str, str | None] | None:
     """(outcome, detail) already recorded for the item (by a batch that took it), if any."""
-    row = session.execute(
+    row = conn.execute(
         text(
             "SELECT outcome, detail FROM embedding_run_items"
             " WHERE run_id = :run AND skill_id = :skill AND outcome IS NOT NULL"

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +26,10 @@ class Failure:
 
 
 def record_failure(
-    session: Session, skill_id: str, tenant_id: str | None, reason: str, attempts: int
+    conn: Connection, skill_id: str, tenant_id: str | None, reason: str, attempts: int
 ) -> None:
     """Upsert the skill's failure outside runs (one row per skill: the latest reason wins)."""
-    session.execute(
+    conn.execute(
         text(
             "INSERT INTO embedding_failures (skill_id, tenant_id, reason, attempts)"
             " VALUES (:skill, :tenant, :reason, :attempts)"
@@ -42,9 +41,9 @@ def record_failure(
     )
 
 
-def record_run_attempts(session: Session, run_id: str, skill_id: str, attempts: int) -> str | None:
+def record_run_attempts(conn: Connection, run_id: str, skill_id: str, attempts: int) -> str | None:
     """Note the attempts of a run item about to be failed; its tenant, or None if already set."""
-    return session.execute(
+    return conn.execute(
         text(
             "UPDATE embedding_run_items SET attempts = :attempts"
             " WHERE run_id = :run AND skill_id = :skill AND outcome IS NULL RETURNING tenant_id"
@@ -53,9 +52,9 @@ def record_run_attempts(session: Session, run_id: str, skill_id: str, attempts: 
     ).scalar_one_or_none()
 
 
-def run_failures(session: Session, run_id: str) -> list[Failure]:
+def run_failures(conn: Connection, run_id: str) -> list[Failure]:
     """The run's failed items, newest first."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             "SELECT skill_id, tenant_id, detail, attempts, finished_at FROM embedding_run_items"
             " WHERE run_id = :run AND outcome = 'failed'"
@@ -69,9 +68,9 @@ def run_failures(session: Session, run_id: str) -> list[Failure]:
     ]
 
 
-def failures_outside_runs(session: Session, limit: int = 1000) -> list[Failure]:
+def failures_outside_runs(conn: Connection, limit: int = 1000) -> list[Failure]:
     """Skills whose last job outside any run failed, newest first."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             "SELECT skill_id, tenant_id, reason, attempts, failed_at FROM embedding_failures"
             " ORDER BY failed_at DESC, skill_id LIMIT :limit"
@@ -81,9 +80,9 @@ def failures_outside_runs(session: Session, limit: int = 1000) -> list[Failure]:
     return [Failure(r.skill_id, r.tenant_id, r.reason, r.attempts, r.failed_at, None) for r in rows]
 
 
-def skill_names(session: Session, skill_ids: Sequence[str]) -> dict[str, str]:
+def skill_names(conn: Connection, skill_ids: Sequence[str]) -> dict[str, str]:
     """Names of the skills row level security shows in this transaction's tenant scope."""
-    rows = session.execute(
+    rows = conn.execute(
         text("SELECT id, name FROM skills WHERE id = ANY(CAST(:ids AS text[]))"),
         {"ids": list(skill_ids)},
     )
@@ -98,9 +97,9 @@ class OldestPending:
     age_seconds: float
 
 
-def oldest_pending_item(session: Session) -> OldestPending | None:
+def oldest_pending_item(conn: Connection) -> OldestPending | None:
     """The item of an unfinished run that has waited longest (since its run started)."""
-    row = session.execute(
+    row = conn.execute(
         text(
             "SELECT i.run_id, i.skill_id, r.started_at,"
             " extract(epoch FROM now() - r.started_at) AS age"

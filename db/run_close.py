@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
-from db.models import PUBLISHED
-from db.services import SQL_INPUT_HASH
+from db.catalog import PUBLISHED, input_hash_sql
 
 # An item of a still-published skill, neither current nor failed, goes back to be embedded
 # again when its outcome is one of these (edited after its batch, or published again); other
@@ -36,15 +34,15 @@ class Tally:
 
 # Whether the skill's stored row (`e`, LEFT JOINed) is current for the tenant's model and size.
 _CURRENT = (
-    f"coalesce(e.input_hash = {SQL_INPUT_HASH} AND e.model_name = :model"
+    f"coalesce(e.input_hash = {input_hash_sql()} AND e.model_name = :model"
     " AND e.dimensions = :dimensions, false)"
 )
 
 
-def run_tenants(session: Session, run_id: str) -> list[str]:
+def run_tenants(conn: Connection, run_id: str) -> list[str]:
     """The tenants the run covers: named when it started (runs before migration 0009 list them
     only through their items)."""
-    row = session.execute(
+    row = conn.execute(
         text(
             "SELECT coalesce(tenants, ARRAY(SELECT DISTINCT tenant_id FROM embedding_run_items"
             " WHERE run_id = :id)) AS tenants FROM embedding_runs WHERE id = :id"
@@ -54,9 +52,24 @@ def run_tenants(session: Session, run_id: str) -> list[str]:
     return sorted(set(row.tenants)) if row is not None else []
 
 
-def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensions: int) -> Tally:
-    """The run's items of one tenant against the catalog now; the session is in its scope."""
-    row = session.execute(
+# Where a kind of run writes its vectors: the live rows (a backfill), or a switch's staged ones.
+VECTOR_TABLES = ("skill_embeddings", "staged_embeddings")
+
+
+def tally(
+    conn: Connection,
+    run_id: str,
+    tenant_id: str,
+    *,
+    model: str,
+    dimensions: int,
+    vectors: str = "skill_embeddings",
+) -> Tally:
+    """The run's items of one tenant against the catalog now, current when their row in
+    `vectors` (one of VECTOR_TABLES) is; the transaction is in the tenant's scope."""
+    if vectors not in VECTOR_TABLES:
+        raise ValueError(f"no table of vectors {vectors!r}")
+    row = conn.execute(
         text(
             f"""
             SELECT
@@ -75,7 +88,7 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
                                                      AND i.outcome = ANY(:redo)), '{{}}') AS redo
             FROM embedding_run_items i
             LEFT JOIN skills ON skills.id = i.skill_id AND skills.tenant_id = i.tenant_id
-            LEFT JOIN skill_embeddings e
+            LEFT JOIN {vectors} e
                 ON e.skill_id = i.skill_id AND e.tenant_id = i.tenant_id
             CROSS JOIN LATERAL (SELECT
                 coalesce(skills.status = '{PUBLISHED}', false) AS published,
@@ -93,13 +106,13 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
     ).one()
     # The tenant's published skills the run never listed: those current at its start, and any
     # published since. One pass over the tenant's catalog, the same as the run's start made.
-    rest = session.execute(
+    rest = conn.execute(
         text(
             f"""
             SELECT count(*) FILTER (WHERE current) AS current,
                    coalesce(array_agg(skills.id) FILTER (WHERE NOT current), '{{}}') AS arrived
             FROM skills
-            LEFT JOIN skill_embeddings e
+            LEFT JOIN {vectors} e
                 ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
             CROSS JOIN LATERAL (SELECT
                 {_CURRENT} AS current) AS now
@@ -124,7 +137,7 @@ def tally(session: Session, run_id: str, tenant_id: str, *, model: str, dimensio
 
 
 def reopen(
-    session: Session,
+    conn: Connection,
     run_id: str,
     skill_ids: Sequence[str],
     arrived: Sequence[tuple[str, str]],
@@ -133,7 +146,7 @@ def reopen(
     """Hand items back to be claimed again, list the skills that `arrived` (tenant, skill) as
     new items, and count the run anew: its items' outcomes, plus `others` current skills that
     are no item of it."""
-    session.execute(
+    conn.execute(
         text(
             "UPDATE embedding_run_items SET outcome = NULL, detail = NULL, finished_at = NULL"
             " WHERE run_id = :run AND skill_id = ANY(:ids)"
@@ -141,7 +154,7 @@ def reopen(
         {"run": run_id, "ids": list(skill_ids)},
     )
     if arrived:
-        session.execute(
+        conn.execute(
             text(
                 """
                 INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
@@ -160,7 +173,7 @@ def reopen(
                 "skills": [skill for _, skill in arrived],
             },
         )
-    session.execute(
+    conn.execute(
         text(
             """
             UPDATE embedding_runs r SET embedded = c.embedded, unchanged = c.unchanged + :others,

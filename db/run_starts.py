@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 from db.runs import BACKFILL, RUN_COLUMNS, RunState, _state
 
@@ -11,15 +10,15 @@ from db.runs import BACKFILL, RUN_COLUMNS, RunState, _state
 _STARTS_LOCK = 0x656D626564  # "embed"
 
 
-def lock_starts(session: Session) -> None:
+def lock_starts(conn: Connection) -> None:
     """Until this transaction ends, no other backfill starts: two started 50 ms apart see each
     other, the second after the first has recorded all its items."""
-    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _STARTS_LOCK})
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _STARTS_LOCK})
 
 
-def open_run_overlapping(session: Session, run_id: str, tenant_id: str | None) -> RunState | None:
+def open_run_overlapping(conn: Connection, run_id: str, tenant_id: str | None) -> RunState | None:
     """The oldest open run other than `run_id` whose tenants meet `tenant_id`'s (None: all)."""
-    row = session.execute(
+    row = conn.execute(
         text(
             f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE finished_at IS NULL AND id <> :id"
             # A model switch's staging run embeds another model: a backfill never joins it.

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Result, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
-from db.models import PUBLISHED
-from db.services import NEEDS_WORK_SQL
+from db.catalog import NEEDS_WORK_SQL, PUBLISHED
+from db.sql import rowcount
 
 # How a job's outcome adds to the run's counters.
 COUNTER = {
@@ -53,25 +52,9 @@ class RunState:
         return self.embedded + self.unchanged
 
     @property
-    def summary(self) -> str:
-        if self.kind == SWITCH:
-            return (
-                f"Done. Staged {self.current}/{self.total} skills for {self.model}."
-                f" {self.failed} failures."
-            )
-        return f"Done. Embedded {self.current}/{self.total} skills. {self.failed} failures."
-
-    @property
-    def left_catalog(self) -> str | None:
-        """The line after the summary, for skills of the run that left the catalog meanwhile."""
-        left = self.unpublished + self.deleted
-        if not left:
-            return None
-        skills = "skill" if left == 1 else "skills"
-        return (
-            f"{left} {skills} left the catalog during the run"
-            f" ({self.unpublished} unpublished, {self.deleted} deleted)."
-        )
+    def left(self) -> int:
+        """Skills of the run that left the catalog before it ended."""
+        return self.unpublished + self.deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +69,18 @@ class Final:
     deleted: int
 
 
-# Decides, in the transaction that records a run's last outcome, the run's final counts; None
-# when it handed items back to be embedded again (the run is not over). See tasks.closing.
-Closer = Callable[[Session, str], Final | None]
+class Closer(Protocol):
+    """Decides, in the transaction that records a run's last outcome, the run's final counts;
+    None when it handed items back to be embedded again (the run is not over)."""
+
+    def __call__(self, conn: Connection, run_id: str) -> Final | None: ...
+
+
+class Closers(Protocol):
+    """The closer for a kind of run (tasks.progress.Closing: the runtime's hooks)."""
+
+    def for_kind(self, kind: str) -> Closer: ...
+
 
 RUN_COLUMNS = (
     "id, tenant_id, force, total, embedded, unchanged, failed, skipped, fanned_out, started_at,"
@@ -96,29 +88,25 @@ RUN_COLUMNS = (
 )
 
 
-def _rowcount(result: Result[Any]) -> int:
-    return int(getattr(result, "rowcount", 0))
-
-
 def _state(row: Any) -> RunState:
     return RunState(*row)
 
 
-def create_run(session: Session, run_id: str, tenant_id: str | None, force: bool) -> bool:
+def create_run(conn: Connection, run_id: str, tenant_id: str | None, force: bool) -> bool:
     """Record a new run; False when it exists already (its message was delivered again)."""
-    result = session.execute(
+    result = conn.execute(
         text(
             "INSERT INTO embedding_runs (id, tenant_id, force) VALUES (:id, :tenant, :force)"
             " ON CONFLICT (id) DO NOTHING"
         ),
         {"id": run_id, "tenant": tenant_id, "force": force},
     )
-    return _rowcount(result) == 1
+    return rowcount(result) == 1
 
 
-def pending_count(session: Session, run_id: str) -> int:
+def pending_count(conn: Connection, run_id: str) -> int:
     return int(
-        session.execute(
+        conn.execute(
             text("SELECT count(*) FROM embedding_run_items WHERE run_id = :id AND outcome IS NULL"),
             {"id": run_id},
         ).scalar_one()
@@ -126,7 +114,7 @@ def pending_count(session: Session, run_id: str) -> int:
 
 
 def add_tenant_items(
-    session: Session, run_id: str, tenant_id: str, *, model: str, dimensions: int, force: bool
+    conn: Connection, run_id: str, tenant_id: str, *, model: str, dimensions: int, force: bool
 ) -> tuple[int, int]:
     """Record the tenant's published skills that need work as run items; (published, queued).
 
@@ -135,7 +123,7 @@ def add_tenant_items(
     over a catalog that changed little writes little. Runs in the tenant's scope: the selection
     happens in SQL, nothing is held in memory.
     """
-    row = session.execute(
+    row = conn.execute(
         text(
             f"""
             WITH added AS (
@@ -158,7 +146,7 @@ def add_tenant_items(
         },
     ).one()
     published, queued = int(row.published), int(row.queued)
-    session.execute(
+    conn.execute(
         text(
             "UPDATE embedding_runs SET total = total + :published,"
             " unchanged = unchanged + :current,"
@@ -170,11 +158,11 @@ def add_tenant_items(
     return published, queued
 
 
-def prune_finished(session: Session, keep_seconds: float) -> int:
+def prune_finished(conn: Connection, keep_seconds: float) -> int:
     """Delete runs (and, by cascade, their items) finished more than `keep_seconds` ago; the
     count deleted. The newest run stays whatever its age (`status` shows it), and so does a
     run a model switch still names."""
-    result = session.execute(
+    result = conn.execute(
         text(
             """
             DELETE FROM embedding_runs r
@@ -185,12 +173,12 @@ def prune_finished(session: Session, keep_seconds: float) -> int:
         ),
         {"keep": keep_seconds},
     )
-    return _rowcount(result)
+    return rowcount(result)
 
 
-def iter_pending_items(session: Session, run_id: str) -> Iterator[tuple[str, str]]:
+def iter_pending_items(conn: Connection, run_id: str) -> Iterator[tuple[str, str]]:
     """(skill_id, tenant_id) of the run's items without an outcome, streamed."""
-    result = session.execute(
+    result = conn.execute(
         text(
             "SELECT skill_id, tenant_id FROM embedding_run_items"
             " WHERE run_id = :id AND outcome IS NULL ORDER BY tenant_id, position"
@@ -205,11 +193,11 @@ ItemKey = tuple[str, int]  # (tenant_id, position): the order jobs are queued in
 
 
 def items_after(
-    session: Session, run_id: str, after: ItemKey | None, limit: int
+    conn: Connection, run_id: str, after: ItemKey | None, limit: int
 ) -> list[tuple[str, str, int]]:
     """(skill_id, tenant_id, position) of the next `limit` items in queue order that needed work
     when the run started, done or not."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             "SELECT skill_id, tenant_id, position FROM embedding_run_items"
             " WHERE run_id = :id AND needed_work AND (CAST(:tenant AS text) IS NULL"
@@ -226,28 +214,26 @@ def items_after(
     return [(str(r.skill_id), str(r.tenant_id), int(r.position)) for r in rows]
 
 
-def mark_fanned_out(session: Session, run_id: str, close: Closer | None = None) -> RunState | None:
+def mark_fanned_out(conn: Connection, run_id: str, close: Closers | None = None) -> RunState | None:
     """Every item's job is queued; returns the run if that completed it."""
-    session.execute(
-        text("UPDATE embedding_runs SET fanned_out = true WHERE id = :id"), {"id": run_id}
-    )
-    return _finish_if_complete(session, run_id, close)
+    conn.execute(text("UPDATE embedding_runs SET fanned_out = true WHERE id = :id"), {"id": run_id})
+    return _finish_if_complete(conn, run_id, close)
 
 
 def record_outcome(
-    session: Session,
+    conn: Connection,
     run_id: str,
     skill_id: str,
     outcome: str,
     detail: str | None = None,
-    close: Closer | None = None,
+    close: Closers | None = None,
 ) -> tuple[RunState, bool] | None:
     """Set the item's outcome once; (run, this call finished the run), or None if already set.
 
     A redelivered or duplicated job finds the outcome set and changes nothing: the run's counts
     and its one summary line stay right whatever was retried, killed or enqueued twice.
     """
-    recorded = record_outcomes(session, run_id, [(skill_id, outcome, detail)], close)
+    recorded = record_outcomes(conn, run_id, [(skill_id, outcome, detail)], close)
     if not recorded.skill_ids:
         return None
     return recorded.state, recorded.finished
@@ -261,16 +247,16 @@ class Recorded:
 
 
 def record_outcomes(
-    session: Session,
+    conn: Connection,
     run_id: str,
     outcomes: Sequence[tuple[str, str, str | None]],
-    close: Closer | None = None,
+    close: Closers | None = None,
 ) -> Recorded:
     """Set many items' outcomes (skill_id, outcome, detail) in two statements; each counts once.
 
     When that leaves no item pending, `close` decides the run's final counts (without it, they
     stay as recorded)."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             """
             UPDATE embedding_run_items i SET outcome = v.outcome, detail = v.detail,
@@ -293,7 +279,7 @@ def record_outcomes(
     for row in rows:
         counts[COUNTER.get(str(row.outcome), SKIPPED)] += 1
     # The row lock taken here serialises concurrent recorders, so the completion check is exact.
-    row = session.execute(
+    row = conn.execute(
         text(
             "UPDATE embedding_runs SET embedded = embedded + :embedded,"
             " unchanged = unchanged + :unchanged, failed = failed + :failed,"
@@ -301,7 +287,7 @@ def record_outcomes(
         ),
         {"id": run_id, **counts},
     ).one()
-    finished = _finish_if_complete(session, run_id, close) if set_now else None
+    finished = _finish_if_complete(conn, run_id, close) if set_now else None
     return Recorded(
         state=finished or _state(row),
         finished=finished is not None,
@@ -310,9 +296,9 @@ def record_outcomes(
 
 
 def _finish_if_complete(
-    session: Session, run_id: str, close: Closer | None = None
+    conn: Connection, run_id: str, close: Closers | None = None
 ) -> RunState | None:
-    row = session.execute(
+    row = conn.execute(
         text(
             "SELECT total, embedded + unchanged + failed + skipped AS done, kind"
             " FROM embedding_runs WHERE id = :id AND finished_at IS NULL FOR UPDATE"
@@ -321,9 +307,7 @@ def _finish_if_complete(
     ).one_or_none()
     if row is None or row.done < row.total:
         return None
-    if row.kind != BACKFILL:
-        close = None  # a switch's staging counts what it staged, not the live catalog
-    final = close(session, run_id) if close is not None else None
+    final = close.for_kind(row.kind)(conn, run_id) if close is not None else None
     if close is not None and final is None:
         return None  # items went back to be embedded again
     values = (
@@ -340,7 +324,7 @@ def _finish_if_complete(
         }
     )
     assignments = "".join(f", {column} = :{column}" for column in values)
-    finished = session.execute(
+    finished = conn.execute(
         text(
             f"UPDATE embedding_runs SET finished_at = now(){assignments} WHERE id = :id"
             f" RETURNING {RUN_COLUMNS}"
@@ -350,9 +334,9 @@ def _finish_if_complete(
     return _state(finished)
 
 
-def kept(session: Session) -> tuple[int, int]:
+def kept(conn: Connection) -> tuple[int, int]:
     """(runs, items) the worker's tables hold now."""
-    row = session.execute(
+    row = conn.execute(
         text(
             "SELECT (SELECT count(*) FROM embedding_runs) AS runs,"
             " (SELECT count(*) FROM embedding_run_items) AS items"
@@ -361,23 +345,23 @@ def kept(session: Session) -> tuple[int, int]:
     return int(row.runs), int(row.items)
 
 
-def get_run(session: Session, run_id: str) -> RunState | None:
-    row = session.execute(
+def get_run(conn: Connection, run_id: str) -> RunState | None:
+    row = conn.execute(
         text(f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE id = :id"), {"id": run_id}
     ).one_or_none()
     return _state(row) if row else None
 
 
-def latest_run(session: Session) -> RunState | None:
-    row = session.execute(
+def latest_run(conn: Connection) -> RunState | None:
+    row = conn.execute(
         text(f"SELECT {RUN_COLUMNS} FROM embedding_runs ORDER BY started_at DESC LIMIT 1")
     ).one_or_none()
     return _state(row) if row else None
 
 
-def unfinished_runs(session: Session) -> list[RunState]:
+def unfinished_runs(conn: Connection) -> list[RunState]:
     """Runs without a summary yet, fanned out or not (a lost fan-out step stops one midway)."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             f"SELECT {RUN_COLUMNS} FROM embedding_runs WHERE finished_at IS NULL"
             " ORDER BY started_at"

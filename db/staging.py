@@ -2,7 +2,7 @@
 
 The staged vectors live in the worker's own `staged_embeddings`; live search reads only
 `skill_embeddings`, which the swap rewrites for the whole tenant in one transaction, with the
-tenant's `site_settings.ollama_model`. Callers pass a session scoped to the tenant where the
+tenant's `site_settings.ollama_model`. Callers pass a conn scoped to the tenant where the
 app's tables are read (row level security); the worker's own tables have no policy.
 """
 
@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Result, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
-from db.models import PUBLISHED
+from db.catalog import PUBLISHED, UPSERT_CONFLICT, input_hash_sql
 from db.runs import SWITCH
-from db.services import SQL_INPUT_HASH
+from db.sql import rowcount
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,58 +34,54 @@ class Switch:
 SWITCH_COLUMNS = "tenant_id, model, dimensions, from_model, run_id, position"
 
 
-def _rowcount(result: Result[Any]) -> int:
-    return int(getattr(result, "rowcount", 0))
-
-
-def get_switch(session: Session, tenant_id: str, *, lock: str = "") -> Switch | None:
+def get_switch(conn: Connection, tenant_id: str, *, lock: str = "") -> Switch | None:
     """The tenant's switch under way; `lock` "FOR SHARE" or "FOR UPDATE" holds it (the swap
     takes it FOR UPDATE, so a writer holding it FOR SHARE never writes across a swap)."""
-    row = session.execute(
+    row = conn.execute(
         text(f"SELECT {SWITCH_COLUMNS} FROM embedding_switches WHERE tenant_id = :t {lock}"),
         {"t": tenant_id},
     ).one_or_none()
     return Switch(*row) if row else None
 
 
-def list_switches(session: Session) -> list[Switch]:
-    rows = session.execute(
+def list_switches(conn: Connection) -> list[Switch]:
+    rows = conn.execute(
         text(f"SELECT {SWITCH_COLUMNS} FROM embedding_switches ORDER BY position, tenant_id")
     )
     return [Switch(*row) for row in rows]
 
 
 def add_switch(
-    session: Session, tenant_id: str, *, model: str, dimensions: int, from_model: str, position: int
+    conn: Connection, tenant_id: str, *, model: str, dimensions: int, from_model: str, position: int
 ) -> bool:
     """Record the tenant's switch; False when one is under way already."""
-    result = session.execute(
+    result = conn.execute(
         text(
             "INSERT INTO embedding_switches (tenant_id, model, dimensions, from_model, position)"
             " VALUES (:t, :m, :d, :f, :p) ON CONFLICT (tenant_id) DO NOTHING"
         ),
         {"t": tenant_id, "m": model, "d": dimensions, "f": from_model, "p": position},
     )
-    return _rowcount(result) == 1
+    return rowcount(result) == 1
 
 
-def start_run(session: Session, switch: Switch, run_id: str) -> bool:
+def start_run(conn: Connection, switch: Switch, run_id: str) -> bool:
     """Make `run_id` the switch's staging run, unless another process did it first."""
-    session.execute(
+    conn.execute(
         text(
             "INSERT INTO embedding_runs (id, tenant_id, force, kind, model)"
             " VALUES (:id, :t, false, :kind, :m)"
         ),
         {"id": run_id, "t": switch.tenant_id, "kind": SWITCH, "m": switch.model},
     )
-    result = session.execute(
+    result = conn.execute(
         text(
             "UPDATE embedding_switches SET run_id = :run WHERE tenant_id = :t"
             " AND run_id IS NOT DISTINCT FROM :old"
         ),
         {"run": run_id, "t": switch.tenant_id, "old": switch.run_id},
     )
-    return _rowcount(result) == 1
+    return rowcount(result) == 1
 
 
 # Published skills of the tenant and their staged vector of the switch's model, if current.
@@ -94,16 +89,16 @@ STAGED_JOIN = f"""
     FROM skills
     LEFT JOIN staged_embeddings st
         ON st.tenant_id = skills.tenant_id AND st.skill_id = skills.id
-       AND st.model_name = :model AND st.input_hash = {SQL_INPUT_HASH}
+       AND st.model_name = :model AND st.input_hash = {input_hash_sql()}
     WHERE skills.tenant_id = :tenant_id AND skills.status = '{PUBLISHED}'
 """
 
 
-def add_staging_items(session: Session, run_id: str, tenant_id: str, model: str) -> tuple[int, int]:
+def add_staging_items(conn: Connection, run_id: str, tenant_id: str, model: str) -> tuple[int, int]:
     """The tenant's published skills without a current staged vector, as the run's items;
     (published, queued). In the tenant's scope, selected in SQL."""
-    queued = _rowcount(
-        session.execute(
+    queued = rowcount(
+        conn.execute(
             text(
                 "INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)"
                 " SELECT :run_id, skills.id, :tenant_id, row_number() OVER (ORDER BY skills.id)"
@@ -113,11 +108,11 @@ def add_staging_items(session: Session, run_id: str, tenant_id: str, model: str)
         )
     )
     published = int(
-        session.execute(
+        conn.execute(
             text(f"SELECT count(*) {STAGED_JOIN}"), {"tenant_id": tenant_id, "model": model}
         ).scalar_one()
     )
-    session.execute(
+    conn.execute(
         text("UPDATE embedding_runs SET total = :total, unchanged = :current WHERE id = :id"),
         {"total": published, "current": published - queued, "id": run_id},
     )
@@ -134,17 +129,17 @@ class StagedCount:
         return self.published - self.staged
 
 
-def staged_count(session: Session, tenant_id: str, model: str) -> StagedCount:
-    row = session.execute(
+def staged_count(conn: Connection, tenant_id: str, model: str) -> StagedCount:
+    row = conn.execute(
         text(f"SELECT count(*), count(st.skill_id) {STAGED_JOIN}"),
         {"tenant_id": tenant_id, "model": model},
     ).one()
     return StagedCount(int(row[0]), int(row[1]))
 
 
-def get_staged(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> dict[str, str]:
+def get_staged(conn: Connection, tenant_id: str, skill_ids: Sequence[str]) -> dict[str, str]:
     """skill_id -> `model_name` + ' ' + `input_hash` of the staged rows among `skill_ids`."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             "SELECT skill_id, model_name, input_hash FROM staged_embeddings"
             " WHERE tenant_id = :t AND skill_id = ANY(CAST(:ids AS text[]))"
@@ -154,27 +149,42 @@ def get_staged(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> di
     return {str(r.skill_id): f"{r.model_name} {r.input_hash}" for r in rows}
 
 
-def upsert_staged(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Each row: tenant_id, skill_id, embedding, model_name, dimensions, input_hash."""
+def upsert_staged(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Each row: tenant_id, skill_id, embedding, model_name, dimensions, input_hash; one
+    statement over arrays, whatever the row count."""
     if not rows:
         return
-    session.execute(
-        text(
-            "INSERT INTO staged_embeddings"
-            " (tenant_id, skill_id, embedding, model_name, dimensions, input_hash)"
-            " VALUES (:tenant_id, :skill_id, CAST(:embedding AS vector), :model_name,"
-            " :dimensions, :input_hash) ON CONFLICT (tenant_id, skill_id) DO UPDATE SET"
-            " embedding = excluded.embedding, model_name = excluded.model_name,"
-            " dimensions = excluded.dimensions, input_hash = excluded.input_hash,"
-            " staged_at = now()"
-        ),
-        # pgvector's text input is JSON's array syntax: orjson writes it in C.
-        [{**row, "embedding": orjson.dumps(list(row["embedding"])).decode()} for row in rows],
+    conn.execute(
+        _UPSERT_STAGED,
+        {
+            "tenants": [row["tenant_id"] for row in rows],
+            "skills": [row["skill_id"] for row in rows],
+            # pgvector's text input is JSON's array syntax: orjson writes it in C.
+            "embeddings": [orjson.dumps(list(row["embedding"])).decode() for row in rows],
+            "models": [row["model_name"] for row in rows],
+            "dimensions": [row["dimensions"] for row in rows],
+            "hashes": [row["input_hash"] for row in rows],
+        },
     )
 
 
-def delete_staged(session: Session, tenant_id: str, skill_ids: Sequence[str]) -> None:
-    session.execute(
+_UPSERT_STAGED = text(
+    """
+    INSERT INTO staged_embeddings (tenant_id, skill_id, embedding, model_name, dimensions,
+                                   input_hash)
+    SELECT tenant_id, skill_id, CAST(embedding AS vector), model_name, dimensions, input_hash
+    FROM unnest(CAST(:tenants AS text[]), CAST(:skills AS text[]), CAST(:embeddings AS text[]),
+                CAST(:models AS text[]), CAST(:dimensions AS int[]), CAST(:hashes AS text[]))
+         AS v(tenant_id, skill_id, embedding, model_name, dimensions, input_hash)
+    ON CONFLICT (tenant_id, skill_id) DO UPDATE SET
+        embedding = EXCLUDED.embedding, model_name = EXCLUDED.model_name,
+        dimensions = EXCLUDED.dimensions, input_hash = EXCLUDED.input_hash, staged_at = now()
+    """
+)
+
+
+def delete_staged(conn: Connection, tenant_id: str, skill_ids: Sequence[str]) -> None:
+    conn.execute(
         text(
             "DELETE FROM staged_embeddings WHERE tenant_id = :t"
             " AND skill_id = ANY(CAST(:ids AS text[]))"
@@ -183,23 +193,23 @@ def delete_staged(session: Session, tenant_id: str, skill_ids: Sequence[str]) ->
     )
 
 
-def drop_switch(session: Session, tenant_id: str) -> Switch | None:
+def drop_switch(conn: Connection, tenant_id: str) -> Switch | None:
     """Cancel: the switch and its staged rows go, its run closes; nothing live changes."""
-    switch = get_switch(session, tenant_id, lock="FOR UPDATE")
+    switch = get_switch(conn, tenant_id, lock="FOR UPDATE")
     if switch is None:
         return None
     if switch.run_id is not None:
-        close_run(session, switch.run_id, "cancelled")
-    session.execute(text("DELETE FROM staged_embeddings WHERE tenant_id = :t"), {"t": tenant_id})
-    session.execute(text("DELETE FROM embedding_switches WHERE tenant_id = :t"), {"t": tenant_id})
+        close_run(conn, switch.run_id, "cancelled")
+    conn.execute(text("DELETE FROM staged_embeddings WHERE tenant_id = :t"), {"t": tenant_id})
+    conn.execute(text("DELETE FROM embedding_switches WHERE tenant_id = :t"), {"t": tenant_id})
     return switch
 
 
-def close_run(session: Session, run_id: str, detail: str) -> None:
+def close_run(conn: Connection, run_id: str, detail: str) -> None:
     """Finish the run; its free items get an outcome (their jobs then end at once). Items a batch
     holds are left to it: it finds the switch gone and stages nothing."""
-    skipped = _rowcount(
-        session.execute(
+    skipped = rowcount(
+        conn.execute(
             text(
                 "UPDATE embedding_run_items SET outcome = 'skipped', detail = :detail,"
                 " finished_at = now() WHERE run_id = :id AND skill_id IN ("
@@ -209,7 +219,7 @@ def close_run(session: Session, run_id: str, detail: str) -> None:
             {"id": run_id, "detail": detail},
         )
     )
-    session.execute(
+    conn.execute(
         text(
             "UPDATE embedding_runs SET skipped = skipped + :n,"
             " finished_at = coalesce(finished_at, now()) WHERE id = :id"
@@ -225,64 +235,61 @@ class Swapped:
     removed: int  # rows of skills no longer published (they had the old model)
 
 
-def swap(session: Session, tenant_id: str) -> Swapped | StagedCount | None:
+def swap(conn: Connection, tenant_id: str) -> Swapped | StagedCount | None:
     """In the caller's transaction, scoped to the tenant: the staged vectors, the model name and
     size into `skill_embeddings`, the model into `site_settings`, the staging gone.
 
     None when no switch is under way (another process swapped or cancelled it); the count
     when a published skill has no staged vector of its current text (nothing is written).
     """
-    switch = get_switch(session, tenant_id, lock="FOR UPDATE")
+    switch = get_switch(conn, tenant_id, lock="FOR UPDATE")
     if switch is None:
         return None
     # Before any row: writers of live vectors hold this row FOR SHARE (tasks.embedding), so one
     # that embedded with the old model finishes first, or waits and finds the model changed.
-    session.execute(
+    conn.execute(
         text("SELECT id FROM site_settings WHERE tenant_id = :t FOR UPDATE"), {"t": tenant_id}
     )
-    count = staged_count(session, tenant_id, switch.model)
+    count = staged_count(conn, tenant_id, switch.model)
     if count.missing:
         return count
     params = {"tenant_id": tenant_id, "model": switch.model}
-    written = _rowcount(
-        session.execute(
+    written = rowcount(
+        conn.execute(
             text(
                 "INSERT INTO skill_embeddings (id, tenant_id, skill_id, embedding, model_name,"
                 "   dimensions, input_hash, created_at, updated_at)"
-                " SELECT gen_random_uuid()::text, st.tenant_id, st.skill_id, st.embedding,"
+                " SELECT CAST(gen_random_uuid() AS text), st.tenant_id, st.skill_id, st.embedding,"
                 "   st.model_name, st.dimensions, st.input_hash, now(), now()"
-                f" {STAGED_JOIN} AND st.skill_id IS NOT NULL"
-                " ON CONFLICT (tenant_id, skill_id) DO UPDATE SET embedding = excluded.embedding,"
-                "   model_name = excluded.model_name, dimensions = excluded.dimensions,"
-                "   input_hash = excluded.input_hash, updated_at = now()"
+                f" {STAGED_JOIN} AND st.skill_id IS NOT NULL {UPSERT_CONFLICT}"
             ),
             params,
         )
     )
     # What was not rewritten belongs to skills no longer published: it holds the old model.
-    removed = _rowcount(
-        session.execute(
+    removed = rowcount(
+        conn.execute(
             text(
                 "DELETE FROM skill_embeddings WHERE tenant_id = :tenant_id AND model_name <> :model"
             ),
             params,
         )
     )
-    session.execute(
+    conn.execute(
         text(
             "UPDATE site_settings SET ollama_model = :model, embedding_dimensions = :dims,"
             " updated_at = now() WHERE tenant_id = :tenant_id"
         ),
         {**params, "dims": switch.dimensions},
     )
-    session.execute(text("DELETE FROM staged_embeddings WHERE tenant_id = :t"), {"t": tenant_id})
-    session.execute(text("DELETE FROM embedding_switches WHERE tenant_id = :t"), {"t": tenant_id})
+    conn.execute(text("DELETE FROM staged_embeddings WHERE tenant_id = :t"), {"t": tenant_id})
+    conn.execute(text("DELETE FROM embedding_switches WHERE tenant_id = :t"), {"t": tenant_id})
     return Swapped(switch, written, removed)
 
 
-def failed_items(session: Session, run_id: str, limit: int = 20) -> list[tuple[str, str]]:
+def failed_items(conn: Connection, run_id: str, limit: int = 20) -> list[tuple[str, str]]:
     """(skill_id, detail) of the run's failed items."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             "SELECT skill_id, coalesce(detail, '') FROM embedding_run_items"
             " WHERE run_id = :id AND outcome = 'failed' ORDER BY position LIMIT :n"

@@ -118,7 +118,7 @@ def fresh_database(postgres: LocalPostgres, name: str) -> str:
 
 def engine_for(url: str) -> sa.Engine:
     """An engine for one of the stack's databases, through psycopg 3 (as the worker connects)."""
-    from db.session import make_engine
+    from db.sql import make_engine
     from worker.settings import normalise_database_url
 
     return make_engine(normalise_database_url(url))

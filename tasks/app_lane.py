@@ -14,8 +14,8 @@ so a skill that kills the process is sent alone from then on, and capped, as a l
 A job's own skill is counted from its first look, where it takes its reservation, until the
 reservation goes after the write: a lone publish counts and uncounts without round trips of
 its own.
-After a job served companions, a thread of its process (LaneAhead) embeds the next ones
-waiting, writing each batch while the next is with Ollama.
+After a job served companions, a thread of its process (tasks.loops.LaneAhead) embeds the
+next ones waiting, writing each batch while the next is with the provider.
 """
 
 from __future__ import annotations
@@ -23,20 +23,18 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis
 
-from db.session import job_transaction
+from db.sql import unscoped
+from tasks import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
 from tasks.arguments import fits
-from tasks.crashes import APP_JOBS, COUNT_SECONDS
 from tasks.embedding import (
     Batch,
     Embedded,
@@ -48,11 +46,8 @@ from tasks.embedding import (
     skill_name,
     write_vectors,
 )
-from tasks.errors import WorkerDied, database_error
-from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
-from tasks.retry import describe
-from tasks.runtime import Runtime
-from tasks.switch import stage_edits
+from tasks.retry import WorkerDied
+from tasks.runtime import APP_JOBS, COUNT_SECONDS, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +74,11 @@ class Waiting:
     jobs: list[str]
 
 
-def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None) -> Result:
-    """Embed a job's skill with the app's jobs waiting behind it; the job's own result."""
+def embed_app_job(
+    rt: Runtime, request: EmbedRequest, job_id: str | None = None
+) -> tuple[Result, bool]:
+    """Embed a job's skill with the app's jobs waiting behind it; the job's own result, and
+    whether it served companions (more of a burst is likely waiting: tasks.loops.LaneAhead)."""
     skill_id = request.skill_id
     most = rt.settings.embed_max_deliveries
     if job_id is None:  # a call outside Celery: nothing to take, nothing to reserve
@@ -91,10 +89,10 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
         if isinstance(turn, str):
             # A job ahead read this skill after this job was queued, so after the edit it
             # stands for, and wrote its vector: the job is done (a newer edit has its own job).
-            return Embedded(Outcome.EMBEDDED, turn)
+            return Embedded(Outcome.EMBEDDED, turn), False
         own, deaths, waiting = turn
     if deaths >= most:
-        return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id))
+        return WorkerDied(deaths, skill_name(rt, skill_id, request.tenant_id)), False
     # A process died while embedding it: alone, it cannot take neighbours down again.
     alone = deaths or request.force or not waiting
     try:
@@ -103,11 +101,8 @@ def embed_app_job(rt: Runtime, request: EmbedRequest, job_id: str | None = None)
         Together(request, [], own).release(rt, done=False)  # its reservation, its count
         raise
     result = embed_together(rt, request, companions, own=own)
-    if companions:
-        # More of the burst is likely waiting: embed it while the jobs just served confirm.
-        lane_ahead(rt).ensure()
     assert result is not None  # a request's own result
-    return result
+    return result, bool(companions)
 
 
 def embed_together(
@@ -167,7 +162,7 @@ def fetch_together(rt: Runtime, together: Together) -> Batch:
     Ollama has them (tasks.crashes), so a process that dies there names them. If this fails,
     the reservations are freed: nothing will be written."""
     try:
-        with job_transaction(rt.engine) as conn:
+        with unscoped(rt.engine) as conn:
             batch = load_and_decide(rt, conn, together.requests)
         sent = together.uncounted([item.request.skill_id for item in batch.pending])
         with rt.crashes.embedding(APP_JOBS, sent, clear_on_success=True):
@@ -184,10 +179,10 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
     request, companions = together.request, together.companions
     done = False
     try:
-        with job_transaction(rt.engine) as conn:
+        with unscoped(rt.engine) as conn:
             results = write_vectors(rt, conn, batch)
-        # While a tenant switches models: the new model's vector too.
-        stage_edits(rt, together.requests, results, batch.switches)
+        for hook in rt.hooks.after_live_write:  # a switch under way stages the edit, say
+            hook(rt, together.requests, results)
         theirs = results[1:] if request else results
         written = [
             (c, result.name)
@@ -247,72 +242,6 @@ def _start(rt: Runtime, skill_id: str, job_id: str) -> str | tuple[bool, int, bo
         if time.monotonic() > deadline:
             return False, int(value), bool(waiting)
         time.sleep(WAIT_SECONDS)
-
-
-class LaneAhead:
-    """This process's turn ahead of the app's jobs: after a job served a batch of a burst,
-    a thread embeds the next ones waiting (reserved, marked) while the served jobs confirm,
-    so the model's time overlaps theirs, as a backfill's batches overlap its jobs: while one
-    batch is with Ollama, the one before it is written."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-
-    def ensure(self) -> None:
-        with self._lock:
-            if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
-                return
-            self._thread = threading.Thread(target=self._drain, name="app-lane", daemon=True)
-            self._thread.start()
-
-    def _drain(self) -> None:
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="app-lane-write") as writer:
-                writing: Future[Result | None] | None = None
-                try:
-                    while not self._stopping.is_set():
-                        together = Together(None, waiting_companions(self.rt, None))
-                        if not together.companions:
-                            return
-                        batch = fetch_together(self.rt, together)
-                        if writing is not None:
-                            writing.result()  # one batch written at a time, in order
-                        writing = writer.submit(write_together, self.rt, together, batch)
-                finally:
-                    if writing is not None:
-                        writing.result()
-        except Exception as exc:
-            # The jobs embed their own skills: nothing waits on this turn but a faster drain.
-            logger.warning("The app lane's turn stopped: %s", describe(database_error(exc) or exc))
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-
-_ahead: LaneAhead | None = None
-_ahead_lock = threading.Lock()
-
-
-def lane_ahead(rt: Runtime) -> LaneAhead:
-    global _ahead
-    with _ahead_lock:
-        if _ahead is None or _ahead.rt is not rt:
-            _ahead = LaneAhead(rt)
-        return _ahead
-
-
-def reset() -> None:
-    """Forget the parent's turn after a fork (its thread was not copied)."""
-    global _ahead
-    _ahead = None
-
-
-def stop() -> None:
-    if _ahead is not None:
-        _ahead.stop()
 
 
 def _mark(client: redis.Redis, written: dict[str, str]) -> None:

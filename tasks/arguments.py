@@ -23,8 +23,8 @@ from celery import Task, current_app
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, create_model
 
 from tasks import refusals, runtime
-from tasks.context import MAX_ID_LENGTH
-from tasks.errors import PermanentError
+from tasks.metrics import MAX_ID_LENGTH
+from tasks.retry import PermanentError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,15 @@
-"""Backfill and reconcile: choose in SQL what needs work, fan out one job per skill, count it."""
+"""A run's start, fan-out and close; the reconcile. Backfill and reconcile choose in SQL what
+needs work, fan out one job per skill (tasks.loops embeds them in batches), and count it.
+
+How a run ends: its summary counts what the catalog holds at the end, not what it planned.
+
+Y is the published skills of the run's tenants at its end, X those of them current (whichever
+job made them so), Z those that failed; the run's own skills that left the catalog are counted
+apart. A published skill that is not current (edited after its batch, or published during the
+run, its app job not yet done) goes back to the run, or joins it, and is embedded before the run
+closes: so X + Z = Y, exactly. Skills current at the start are no item of the run: they are
+counted from the catalog, so a run over a catalog that changed little writes little.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +21,23 @@ from typing import Any
 
 from celery import Task
 from kombu import Producer
+from sqlalchemy import Connection
 
-from db import run_starts, runs, services
-from db.session import scope_to_tenant, tenant_scope, unscoped
-from tasks.closing import RunCloser
-from tasks.embedding import tenant_config
-from tasks.errors import (
+from db import catalog, run_close, run_starts, runs
+from db.sql import scope_to_tenant, tenant_scope, unscoped
+from tasks import BULK
+from tasks.embedding import check_tenant_dimensions, tenant_config
+from tasks.progress import Closing, ProgressLog
+from tasks.provider import ready
+from tasks.retry import (
     BackfillBusy,
     DatabaseUnavailable,
-    DimensionMismatch,
     EmbedderError,
     OllamaNotReady,
     UnknownTenant,
     database_error,
 )
-from tasks.progress import ProgressLog
-from tasks.queues import BULK
-from tasks.runtime import Runtime
+from tasks.runtime import HOOKS, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -41,41 +52,35 @@ Continuation = Callable[[str, bool, runs.ItemKey], None]
 
 
 def _enabled_tenants(rt: Runtime, only: str | None) -> list[str]:
-    with unscoped(rt.sessions) as session:
-        tenants = services.list_active_tenants(session)
+    with unscoped(rt.engine) as conn:
+        tenants = catalog.list_active_tenants(conn)
     if only is not None:
         if only not in tenants:
             raise UnknownTenant(f"tenant {only!r} does not exist or is not active: check the id")
         tenants = [only]
     enabled = []
     for tenant in tenants:
-        with tenant_scope(rt.sessions, tenant) as session:
-            if tenant_config(rt, session, tenant).enabled:
+        with tenant_scope(rt.engine, tenant) as conn:
+            if tenant_config(rt, conn, tenant).enabled:
                 enabled.append(tenant)
     return enabled
 
 
 def preflight(rt: Runtime, tenants: list[str]) -> None:
-    """Every Ollama the tenants use is up, has the model, and makes vectors the column holds."""
+    """Every provider the tenants use is up, has the model, and makes vectors the column holds."""
     column = rt.column_dimensions
     checked: set[tuple[str, str, int]] = set()
     for tenant in tenants:
-        with tenant_scope(rt.sessions, tenant) as session:
-            config = tenant_config(rt, session, tenant)
+        with tenant_scope(rt.engine, tenant) as conn:
+            config = tenant_config(rt, conn, tenant)
         key = (config.ollama_url, config.model, config.dimensions)
         if key in checked:
             continue
         checked.add(key)
-        if column is not None and config.dimensions != column:
-            raise DimensionMismatch(
-                f"tenant {tenant!r} is set to {config.dimensions} dimensions but"
-                f" skill_embeddings.embedding is vector({column}): fix"
-                " site_settings.embedding_dimensions or EMBEDDING_DIMENSIONS"
-            )
+        check_tenant_dimensions(tenant, config, column)
         try:
-            rt.ollama.for_url(config.ollama_url).preflight(
-                model=config.model, dimensions=config.dimensions
-            )
+            ready(rt.providers.for_url(config.ollama_url), config.model,
+                  configured=config.dimensions)  # fmt: skip
         except EmbedderError as exc:
             raise OllamaNotReady(f"Backfill refused: {exc}") from None
 
@@ -83,24 +88,24 @@ def preflight(rt: Runtime, tenants: list[str]) -> None:
 def ensure_default_tenant_enabled(rt: Runtime) -> None:
     """The seed plan's step: the default tenant has a settings row with semantic search on."""
     tenant = rt.settings.default_tenant_id
-    with unscoped(rt.sessions) as session:
-        if tenant not in services.list_active_tenants(session):
+    with unscoped(rt.engine) as conn:
+        if tenant not in catalog.list_active_tenants(conn):
             return
-    with tenant_scope(rt.sessions, tenant) as session:
-        row = services.get_site_settings(session, tenant)
+    with tenant_scope(rt.engine, tenant) as conn:
+        row = catalog.get_site_settings(conn, tenant)
         if row is None:
             # The app embeds search queries with the same model and size. The URL stays at the
             # app's default, which means "each worker's own OLLAMA_URL": workers on several
             # hosts each use their own Ollama, and the app keeps its own.
-            services.update_site_settings(
-                session,
+            catalog.update_site_settings(
+                conn,
                 tenant,
                 semantic_similarity_enabled=True,
                 ollama_model=rt.settings.ollama_model,
                 embedding_dimensions=rt.settings.embedding_dimensions,
             )
         elif not row.semantic_similarity_enabled:
-            services.update_site_settings(session, tenant, semantic_similarity_enabled=True)
+            catalog.update_site_settings(conn, tenant, semantic_similarity_enabled=True)
 
 
 def start_backfill(
@@ -130,19 +135,19 @@ def start_backfill(
     closed: runs.RunState | None = None
     # The run and all its items in one transaction: a worker killed while fanning out leaves
     # either nothing or the whole run, and the redelivered message resumes the fan-out.
-    with unscoped(rt.sessions) as session:
-        run_starts.lock_starts(session)
+    with unscoped(rt.engine) as conn:
+        run_starts.lock_starts(conn)
         open_run = None
-        if runs.get_run(session, run_id) is None:
-            open_run = run_starts.open_run_overlapping(session, run_id, tenant_id)
+        if runs.get_run(conn, run_id) is None:
+            open_run = run_starts.open_run_overlapping(conn, run_id, tenant_id)
         if open_run is not None:
             return _join(open_run, run_id, tenant_id, force, len(tenants))
-        if runs.create_run(session, run_id, tenant_id, force):
+        if runs.create_run(conn, run_id, tenant_id, force):
             for tenant in tenants:
-                scope_to_tenant(session, tenant)
-                config = tenant_config(rt, session, tenant)
+                scope_to_tenant(conn, tenant)
+                config = tenant_config(rt, conn, tenant)
                 counts = runs.add_tenant_items(
-                    session,
+                    conn,
                     run_id,
                     tenant,
                     model=config.model,
@@ -155,11 +160,11 @@ def start_backfill(
                 # Nothing to send: the counts just taken are the catalog at the run's end (this
                 # transaction's snapshot), so it closes here, without a second pass over the
                 # tenants' catalogs.
-                closed = runs.mark_fanned_out(session, run_id)
+                closed = runs.mark_fanned_out(conn, run_id)
         else:
-            run = runs.get_run(session, run_id)
+            run = runs.get_run(conn, run_id)
             assert run is not None
-            published, queued = run.total, runs.pending_count(session, run_id)
+            published, queued = run.total, runs.pending_count(conn, run_id)
             if run.fanned_out:  # delivered again after its jobs were all queued
                 return {"run_id": run_id, "tenants": len(tenants), "total": published,
                         "queued": queued}  # fmt: skip
@@ -177,7 +182,8 @@ def start_backfill(
     if before_fanout is not None and queued:
         before_fanout(run_id)
     try:
-        fan_out(rt, task, run_id, force=force, continue_later=continue_later)
+        fan_out(rt, task, run_id, force=force, continue_later=continue_later,
+                handed_back=before_fanout)  # fmt: skip
     except FanOutInterrupted as exc:
         if retry_later is None:
             raise
@@ -216,18 +222,21 @@ def fan_out(
     force: bool,
     after: runs.ItemKey | None = None,
     continue_later: Continuation | None = None,
+    handed_back: Callable[[str], None] | None = None,
 ) -> None:
     """Queue one bulk job per item of the run in queue order, from just after `after`.
 
     With `continue_later`, one chunk now and `continue_later(run_id, force, last_key)` for the
     rest: the worker queues that as a job behind the chunk, so a job from the app never waits
     behind more than a chunk of fan-out, and the queue holds about a chunk at a time.
+    `handed_back(run_id)` starts embedding the items the run's close handed back, if the last
+    chunk's end closed it.
     """
     chunk = rt.settings.backfill_chunk_size
     try:
         while True:
-            with unscoped(rt.sessions) as session:
-                items = runs.items_after(session, run_id, after, chunk)
+            with unscoped(rt.engine) as conn:
+                items = runs.items_after(conn, run_id, after, chunk)
             # No database call from here to the end of the chunk: a database error leaves
             # either none of it queued or all of it, and `after` says which.
             with publishing(task) as producer:
@@ -240,15 +249,18 @@ def fan_out(
             if continue_later is not None and after is not None:  # a full chunk: always
                 continue_later(run_id, force, after)
                 return
-        with unscoped(rt.sessions) as session:
-            finished = runs.mark_fanned_out(session, run_id, RunCloser(rt))
+        with unscoped(rt.engine) as conn:
+            closing = Closing(rt)
+            finished = runs.mark_fanned_out(conn, run_id, closing)
     except Exception as exc:
         error = database_error(exc)
         if error is None:
             raise
         raise FanOutInterrupted(after, error) from exc
     if finished is not None:
-        ProgressLog(rt).closed(finished)
+        ProgressLog(rt).closed(finished, closing)
+    elif closing.reopened and handed_back is not None:
+        handed_back(run_id)
 
 
 class FanOutInterrupted(Exception):
@@ -262,8 +274,8 @@ class FanOutInterrupted(Exception):
 def enqueue_pending(rt: Runtime, task: Enqueuer, run_id: str, *, force: bool) -> int:
     """Queue a bulk job for each of the run's items without an outcome, streaming from SQL."""
     count = 0
-    with unscoped(rt.sessions) as session, publishing(task) as producer:
-        for skill_id, tenant in runs.iter_pending_items(session, run_id):
+    with unscoped(rt.engine) as conn, publishing(task) as producer:
+        for skill_id, tenant in runs.iter_pending_items(conn, run_id):
             _queue_job(task, producer, run_id, skill_id, tenant, force=force)
             count += 1
     return count
@@ -293,9 +305,9 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
     Rows of unpublished skills go at once. Re-queuing waits until the bulk lane is empty
     (`bulk_waiting == 0`): while jobs wait there, they are the plan, not something lost.
     """
-    with unscoped(rt.sessions) as session:
-        tenants = services.list_active_tenants(session)
-        pruned = runs.prune_finished(session, rt.settings.run_retention_days * 86400)
+    with unscoped(rt.engine) as conn:
+        tenants = catalog.list_active_tenants(conn)
+        pruned = runs.prune_finished(conn, rt.settings.run_retention_days * 86400)
     if pruned:
         logger.info(
             "Reconcile: pruned %d %s finished more than RUN_RETENTION_DAYS (%g) days ago",
@@ -305,32 +317,32 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
         )
     removed = 0
     for tenant in tenants:
-        with tenant_scope(rt.sessions, tenant) as session:
-            removed += services.remove_unpublished_embeddings(session, tenant)
+        with tenant_scope(rt.engine, tenant) as conn:
+            removed += catalog.remove_unpublished_embeddings(conn, tenant)
     if bulk_waiting:
         logger.info("Reconcile: bulk jobs still queued or retrying, re-queuing nothing")
         return {"removed": removed, "requeued": 0, "queued": 0}
     requeued = 0
-    with unscoped(rt.sessions) as session:
-        unfinished = runs.unfinished_runs(session)
+    with unscoped(rt.engine) as conn:
+        unfinished = runs.unfinished_runs(conn)
     for run in unfinished:
         requeued += enqueue_pending(rt, task, run.id, force=run.force)
         if not run.fanned_out:
             # Its fan-out step was lost with the queue: every pending job is queued now.
-            with unscoped(rt.sessions) as session:
-                finished = runs.mark_fanned_out(session, run.id, RunCloser(rt))
+            with unscoped(rt.engine) as conn:
+                closing = Closing(rt)
+                finished = runs.mark_fanned_out(conn, run.id, closing)
             if finished is not None:
-                ProgressLog(rt).closed(finished)
+                ProgressLog(rt).closed(finished, closing)
     queued = 0
     for tenant in _enabled_tenants(rt, None):
-        with tenant_scope(rt.sessions, tenant) as session:
-            config = tenant_config(rt, session, tenant)
-            needing = services.skills_needing_embedding(
-                session,
+        with tenant_scope(rt.engine, tenant) as conn:
+            config = tenant_config(rt, conn, tenant)
+            needing = catalog.skills_needing_embedding(
+                conn,
                 tenant,
                 model=config.model,
                 dimensions=config.dimensions,
-                exclude_pending_runs=True,
             )
             with publishing(task) as producer:
                 for skill_id in needing:
@@ -349,3 +361,56 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
             queued,
         )
     return {"removed": removed, "requeued": requeued, "queued": queued}
+
+
+class RunCloser:
+    """A backfill's close (a tasks.progress.Closer): counts the live catalog, notes what it
+    handed back."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.reopened: list[str] = []
+
+    def closed(self, state: runs.RunState) -> None:
+        """Nothing follows a backfill's summary."""
+
+    def __call__(self, conn: Connection, run_id: str) -> runs.Final | None:
+        tallies = []
+        for tenant in run_close.run_tenants(conn, run_id):
+            scope_to_tenant(conn, tenant)
+            config = tenant_config(self.rt, conn, tenant)
+            tallies.append(
+                (
+                    tenant,
+                    run_close.tally(
+                        conn, run_id, tenant, model=config.model, dimensions=config.dimensions
+                    ),
+                )
+            )
+        redo = [skill_id for _, tally in tallies for skill_id in tally.redo]
+        arrived = [(tenant, skill_id) for tenant, tally in tallies for skill_id in tally.arrived]
+        if redo or arrived:
+            others = sum(tally.others for _, tally in tallies)
+            run_close.reopen(conn, run_id, redo, arrived, others)
+            self.reopened = redo + [skill_id for _, skill_id in arrived]
+            logger.info(
+                "%d skills of run %s changed after their batch and %d were published during"
+                " it: embedding them before the summary",
+                len(redo),
+                run_id,
+                len(arrived),
+                extra={"run_id": run_id},
+            )
+            return None
+        counted = [tally for _, tally in tallies]
+        return runs.Final(
+            embedded=sum(t.embedded for t in counted),
+            unchanged=sum(t.unchanged + t.others for t in counted),
+            failed=sum(t.failed for t in counted),
+            skipped=sum(t.skipped for t in counted),
+            unpublished=sum(t.unpublished for t in counted),
+            deleted=sum(t.deleted for t in counted),
+        )
+
+
+HOOKS.closers[runs.BACKFILL] = RunCloser

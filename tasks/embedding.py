@@ -1,4 +1,13 @@
-"""Embed skills: load, decide, call Ollama, write. The decision is a pure function (`decide`)."""
+"""One skill's embedding, step by step: load and decide, fetch the vectors, write them.
+
+The middle of every item's life, whoever started it (an app job: tasks.app_lane; a run's batch:
+tasks.loops): `load_and_decide` reads the skills, the tenant's settings and the stored rows in
+one statement and decides what each needs (`decide`, a pure function); `fetch_vectors` asks the
+tenant's provider for the vectors, one call per (server, model, size); a write target writes
+them. `LiveTarget` writes `skill_embeddings` under the write guard (the skills' locks and the
+tenant's settings row held FOR SHARE, the model checked); a run of another kind (a model
+switch's staging) brings its own target through the runtime's hooks.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +18,20 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
-from db import job_statements, services
-from db.job_statements import Conn
-from db.models import PUBLISHED
-from db.session import job_transaction, scope_connection, tenant_scope, unscoped
-from db.staging import Switch
-from tasks.errors import (
-    DimensionMismatch,
+from db import catalog
+from db.catalog import PUBLISHED, SettingsRecord, input_hash, skill_text
+from db.sql import scope_to_tenant, tenant_scope, unscoped
+from tasks.provider import check_dimensions, column_target, embed_isolating
+from tasks.retry import (
     EmbedderError,
     ModelSwitched,
-    OllamaRejected,
     PermanentError,
     SkillNotFound,
     TenantMismatch,
 )
-from tasks.ollama import OllamaClient
 from tasks.runtime import Runtime
-from tasks.text import input_hash, skill_text
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ class Decision:
 
 
 def decide(
-    skill: services.SkillRecord,
+    skill: catalog.SkillRecord,
     stored: StoredEmbedding | None,
     config: TenantConfig,
     *,
@@ -105,25 +109,12 @@ def decide(
     return Decision(None, text=text, name=skill.name)
 
 
-class SettingsRow(Protocol):
-    """The site_settings columns a tenant's configuration comes from."""
-
-    @property
-    def semantic_similarity_enabled(self) -> bool: ...
-    @property
-    def ollama_url(self) -> str | None: ...
-    @property
-    def ollama_model(self) -> str | None: ...
-    @property
-    def embedding_dimensions(self) -> int | None: ...
-
-
-def tenant_config(runtime: Runtime, session: Session, tenant_id: str) -> TenantConfig:
+def tenant_config(runtime: Runtime, conn: Connection, tenant_id: str) -> TenantConfig:
     """The tenant's site_settings over the environment's defaults; off when there is no row."""
-    return config_from(runtime, services.get_site_settings(session, tenant_id))
+    return config_from(runtime, catalog.get_site_settings(conn, tenant_id))
 
 
-def config_from(runtime: Runtime, row: SettingsRow | None) -> TenantConfig:
+def config_from(runtime: Runtime, row: SettingsRecord | None) -> TenantConfig:
     """The configuration a site_settings row (None: none) gives over the environment's."""
     defaults = runtime.settings
     if row is None:
@@ -139,31 +130,26 @@ def config_from(runtime: Runtime, row: SettingsRow | None) -> TenantConfig:
 
 def find_tenant(runtime: Runtime, skill_id: str) -> str:
     """The tenant a skill belongs to, looking in the default tenant first (RLS hides the rest)."""
-    with unscoped(runtime.sessions) as session:
-        tenants = services.list_active_tenants(session)
-    default = runtime.settings.default_tenant_id
-    ordered = [default, *(t for t in tenants if t != default)]
-    for tenant in ordered:
-        with tenant_scope(runtime.sessions, tenant) as session:
-            skill = services.get_skill(session, skill_id)
-            if skill is not None:
-                return skill.tenant_id
-    raise SkillNotFound(f"no skill {skill_id!r} in any active tenant: check the id")
+    with unscoped(runtime.engine) as conn:
+        tenant = catalog.find_tenant(conn, skill_id, runtime.settings.default_tenant_id)
+    if tenant is None:
+        raise SkillNotFound(f"no skill {skill_id!r} in any active tenant: check the id")
+    return tenant
 
 
 def skill_name(runtime: Runtime, skill_id: str, tenant_id: str | None) -> str:
     """The skill's name for a message, or its id when it cannot be read."""
     try:
         tenant = tenant_id or find_tenant(runtime, skill_id)
-        with tenant_scope(runtime.sessions, tenant) as session:
-            skill = services.get_skill(session, skill_id)
+        with tenant_scope(runtime.engine, tenant) as conn:
+            skill = catalog.get_skill(conn, skill_id)
     except EmbedderError:
         return skill_id
     return skill.name if skill is not None else skill_id
 
 
 @dataclass
-class _Pending:
+class Pending:
     index: int
     request: EmbedRequest
     tenant_id: str
@@ -188,10 +174,10 @@ def embed_skills(runtime: Runtime, requests: Sequence[EmbedRequest]) -> list[Res
 
     Each request gets its own result, so one bad input never fails its neighbours.
     """
-    with job_transaction(runtime.engine) as conn:
+    with unscoped(runtime.engine) as conn:
         batch = load_and_decide(runtime, conn, requests)
     fetch_vectors(runtime, batch, urgent=True)
-    with job_transaction(runtime.engine) as conn:
+    with unscoped(runtime.engine) as conn:
         return write_vectors(runtime, conn, batch)
 
 
@@ -201,11 +187,8 @@ class Batch:
 
     requests: list[EmbedRequest]
     results: list[Result | None]  # per request; None while it waits for its vector
-    pending: list[_Pending]  # those that need a vector
+    pending: list[Pending]  # those that need a vector
     vectors: list[list[float] | None]  # per pending item
-    # The tenants with a model switch under way (a staging run), as the load saw them and the
-    # write under its locks; None: not known.
-    switches: dict[str, Switch] | None = None
 
     def name_of(self, skill_id: str) -> str:
         for item in self.pending:
@@ -225,7 +208,7 @@ class Batch:
         self.vectors = [None] * len(self.pending)
 
 
-def load_and_decide(runtime: Runtime, conn: Conn, requests: Sequence[EmbedRequest]) -> Batch:
+def load_and_decide(runtime: Runtime, conn: Connection, requests: Sequence[EmbedRequest]) -> Batch:
     """Read each request's skill, settings and stored row in `conn`'s transaction; decide what
     it needs.
 
@@ -240,14 +223,12 @@ def load_and_decide(runtime: Runtime, conn: Conn, requests: Sequence[EmbedReques
             results[index] = exc
             continue
         by_tenant[tenant].append(index)
-    pending: list[_Pending] = []
-    switches: dict[str, Switch] = {}
+    pending: list[Pending] = []
     for tenant, indexes in by_tenant.items():
-        scope_connection(conn, tenant)
-        pending += _decide_tenant(
-            runtime, conn, tenant, [(i, requests[i]) for i in indexes], results, switches
-        )
-    return Batch(list(requests), results, pending, [None] * len(pending), switches)
+        scope_to_tenant(conn, tenant)
+        pending += _decide_tenant(runtime, conn, tenant, [(i, requests[i]) for i in indexes],
+                                  results)  # fmt: skip
+    return Batch(list(requests), results, pending, [None] * len(pending))
 
 
 def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
@@ -256,9 +237,9 @@ def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
     for position, item in enumerate(batch.pending):
         groups[(item.config.ollama_url, item.config.model, item.config.dimensions)].append(position)
     for (url, model, dimensions), positions in groups.items():
-        client = runtime.ollama.for_url(url)
+        provider = runtime.providers.for_url(url)
         texts = [batch.pending[p].text for p in positions]
-        answers = _embed_splitting(client, texts, model, dimensions, urgent=urgent)
+        answers = embed_isolating(provider, texts, model, dimensions, urgent=urgent)
         for position, answer in zip(positions, answers, strict=True):
             if isinstance(answer, EmbedderError):
                 batch.results[batch.pending[position].index] = answer
@@ -266,56 +247,57 @@ def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
                 batch.vectors[position] = answer
 
 
-def vectors_by_tenant(batch: Batch) -> dict[str, list[tuple[_Pending, list[float]]]]:
+def vectors_by_tenant(batch: Batch) -> dict[str, list[tuple[Pending, list[float]]]]:
     """The batch's fetched vectors with their items, per tenant (each tenant's write is scoped)."""
-    by_tenant: dict[str, list[tuple[_Pending, list[float]]]] = defaultdict(list)
+    by_tenant: dict[str, list[tuple[Pending, list[float]]]] = defaultdict(list)
     for item, vector in zip(batch.pending, batch.vectors, strict=True):
         if vector is not None:
             by_tenant[item.tenant_id].append((item, vector))
     return by_tenant
 
 
-def write_vectors(runtime: Runtime, conn: Conn, batch: Batch) -> list[Result]:
+def write_vectors(runtime: Runtime, conn: Connection, batch: Batch) -> list[Result]:
     """Upsert the fetched vectors in `conn`'s transaction, per tenant a statement that locks
-    and one that writes; every result. Notes in `batch.switches` the tenants switching under
-    the locks."""
+    and one that writes; every result."""
     results = list(batch.results)
     for tenant, vectors in vectors_by_tenant(batch).items():
-        scope_connection(conn, tenant)
-        locked = job_statements.lock_for_write(
-            conn, tenant, [item.request.skill_id for item, _ in vectors]
-        )
-        if batch.switches is not None:
-            live = locked.model or runtime.settings.ollama_model
-            _note_switch(batch.switches, tenant, locked.switch, live)
-        vectors = _same_model(runtime, tenant, locked.model, vectors, results)
+        scope_to_tenant(conn, tenant)
+        live = catalog.lock_for_write(conn, tenant, [item.request.skill_id for item, _ in vectors])
+        vectors = _same_model(runtime, tenant, live, vectors, results)
         for item, outcome in _write(conn, tenant, vectors):
             results[item.index] = Embedded(outcome, item.name)
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
 
 
-def _note_switch(
-    switches: dict[str, Switch], tenant: str, switch: Switch | None, model: str
-) -> None:
-    """Record whether the tenant's switch is under way, its live model being `model`.
+class WriteTarget(Protocol):
+    """Where a batch's vectors go: what each of its skills needs there, and the write."""
 
-    A switch to the live model has swapped already: a statement that waited for the settings
-    row locks the swapped row, yet its older snapshot still shows the switch.
-    """
-    if switch is not None and switch.run_id is not None and switch.model != model:
-        switches[tenant] = switch
-    else:
-        switches.pop(tenant, None)
+    def decide(self, conn: Connection, requests: Sequence[EmbedRequest]) -> Batch: ...
+
+    def write(self, conn: Connection, batch: Batch) -> list[Result]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LiveTarget:
+    """`skill_embeddings`, what the app's search reads: an app job's, and a backfill's."""
+
+    rt: Runtime
+
+    def decide(self, conn: Connection, requests: Sequence[EmbedRequest]) -> Batch:
+        return load_and_decide(self.rt, conn, requests)
+
+    def write(self, conn: Connection, batch: Batch) -> list[Result]:
+        return write_vectors(self.rt, conn, batch)
 
 
 def _same_model(
     runtime: Runtime,
     tenant: str,
     live: str | None,
-    vectors: list[tuple[_Pending, list[float]]],
+    vectors: list[tuple[Pending, list[float]]],
     results: list[Result | None],
-) -> list[tuple[_Pending, list[float]]]:
+) -> list[tuple[Pending, list[float]]]:
     """The vectors of the tenant's current model (`live`, read under the lock); the others are
     embedded again.
 
@@ -339,18 +321,16 @@ def _same_model(
 
 def _decide_tenant(
     runtime: Runtime,
-    conn: Conn,
+    conn: Connection,
     tenant: str,
     indexed: list[tuple[int, EmbedRequest]],
     results: list[Result | None],
-    switches: dict[str, Switch],
-) -> list[_Pending]:
-    pending: list[_Pending] = []
+) -> list[Pending]:
+    pending: list[Pending] = []
     removed: list[str] = []
     ids = [request.skill_id for _, request in indexed]
-    rows = job_statements.load_tenant(conn, tenant, ids)
+    rows = catalog.load_tenant(conn, tenant, ids)
     config = config_from(runtime, rows.settings)
-    _note_switch(switches, tenant, rows.switch, config.model)
     skills = rows.skills
     stored = {skill_id: StoredEmbedding(*row) for skill_id, row in rows.stored.items()}
     column = runtime.column_dimensions
@@ -370,12 +350,8 @@ def _decide_tenant(
                     f"no skill {request.skill_id!r} in tenant {tenant!r}: check the id"
                 )
             decision = decide(skill, stored.get(request.skill_id), config, force=request.force)
-            if decision.needs_embedding and column and config.dimensions != column:
-                raise DimensionMismatch(
-                    f"tenant {tenant!r} asks for {config.dimensions}-dimension vectors but"
-                    f" skill_embeddings.embedding is vector({column}): fix"
-                    " site_settings.embedding_dimensions or EMBEDDING_DIMENSIONS"
-                )
+            if decision.needs_embedding:
+                check_tenant_dimensions(tenant, config, column)
         except PermanentError as exc:
             results[index] = exc
             continue
@@ -384,44 +360,33 @@ def _decide_tenant(
         if decision.action is not None:
             results[index] = Embedded(decision.action, decision.name)
         else:
-            pending.append(_Pending(index, request, tenant, decision.name, decision.text, config))
+            pending.append(Pending(index, request, tenant, decision.name, decision.text, config))
     if removed:
-        job_statements.delete_embeddings(conn, removed)
+        catalog.delete_embeddings(conn, removed)
     return pending
 
 
-def _embed_splitting(
-    client: OllamaClient, texts: list[str], model: str, dimensions: int, *, urgent: bool
-) -> list[list[float] | EmbedderError]:
-    """Embed texts in one call; when Ollama rejects the batch, halve it to isolate the bad input.
-
-    Only a 400 names an input. Any other error (a malformed 200 included) is the same for every
-    input of the batch, so halving would only spend requests.
-    """
-    try:
-        return list(client.embed(texts, model=model, dimensions=dimensions, urgent=urgent))
-    except OllamaRejected as exc:
-        if len(texts) == 1:
-            return [exc]
-        middle = len(texts) // 2
-        return _embed_splitting(
-            client, texts[:middle], model, dimensions, urgent=urgent
-        ) + _embed_splitting(client, texts[middle:], model, dimensions, urgent=urgent)
-    except EmbedderError as exc:
-        # Server down, model missing, a malformed answer: the same for every input.
-        return [exc] * len(texts)
+def check_tenant_dimensions(tenant: str, config: TenantConfig, column: int | None) -> None:
+    """The tenant's configured size fits the app's column (DimensionMismatch says the fix)."""
+    check_dimensions(
+        f"tenant {tenant!r} (site_settings.embedding_dimensions)",
+        config.dimensions,
+        column_target(column or 0),
+        column,
+        "fix site_settings.embedding_dimensions or EMBEDDING_DIMENSIONS",
+    )
 
 
 def _write(
-    conn: Conn, tenant: str, items: list[tuple[_Pending, list[float]]]
-) -> list[tuple[_Pending, Outcome]]:
+    conn: Connection, tenant: str, items: list[tuple[Pending, list[float]]]
+) -> list[tuple[Pending, Outcome]]:
     """Upsert the vectors whose skill still has the text we embedded; the rest are superseded.
 
     The skills are locked (lock_for_write) already; the statement that re-reads them starts
     after, so an edit that landed while Ollama worked wins over this vector.
     """
     rows = [
-        job_statements.VectorRow(
+        catalog.VectorRow(
             item.request.skill_id,
             item.text,
             vector,
@@ -431,7 +396,7 @@ def _write(
         )
         for item, vector in items
     ]
-    written = job_statements.write_current(conn, tenant, _dedupe(rows))
+    written = catalog.write_current(conn, tenant, _dedupe(rows))
     outcomes = []
     for (item, _), row in zip(items, rows, strict=True):
         current = (row.skill_id, row.input_hash) in written
@@ -439,6 +404,6 @@ def _write(
     return outcomes
 
 
-def _dedupe(rows: list[job_statements.VectorRow]) -> list[job_statements.VectorRow]:
+def _dedupe(rows: list[catalog.VectorRow]) -> list[catalog.VectorRow]:
     # A batch may hold two jobs for one skill: one row per skill and text (the last wins).
     return list({(row.skill_id, row.text): row for row in rows}.values())

@@ -1,9 +1,9 @@
 """The Celery tasks: where an item's life starts (its job) and ends (its result or retry).
 
-A skill's life, top to bottom: `embed_skill` here -> `embed_item`, which finds its outcome
-recorded or takes part in its run's batches (tasks.batching: claim -> fetch -> write) -> the
-outcome and summary lines (tasks.progress). Bodies stay short: load, decide, call and write
-live in those modules.
+A skill's life, top to bottom: `embed_skill` here -> an app job embeds its skill with the app's
+jobs waiting behind it (tasks.app_lane), a run's job finds its outcome recorded or takes part in
+its run's batches (tasks.loops: claim -> fetch -> write) -> load, decide, fetch, write
+(tasks.embedding) -> the outcome and summary lines (tasks.progress). Bodies stay short.
 """
 
 from __future__ import annotations
@@ -19,27 +19,26 @@ from celery import Task, shared_task
 from celery.worker.request import Request
 
 from db import claims, runs
-from db.session import unscoped
-from tasks import run_loops, runtime
+from db.sql import unscoped
+from tasks import BULK, EMBED_SKILL, loops, runtime
 from tasks.app_lane import embed_app_job
 from tasks.arguments import CheckedTask, Identifier
 from tasks.backfill import FanOutInterrupted, fan_out, reconcile_catalog, start_backfill
-from tasks.batching import claim, fetch, recorded_here, write
-from tasks.crashes import APP_JOBS
 from tasks.embedding import Embedded, EmbedRequest, Result, embed_skills, skill_name
-from tasks.errors import (
+from tasks.loops import claim, fetch, recorded_here, write
+from tasks.progress import ProgressLog
+from tasks.retry import (
     EmbedderError,
     FailedInBatch,
     PermanentError,
     WorkerDied,
+    backoff_seconds,
     database_error,
+    describe,
     redis_error,
+    should_retry,
 )
-from tasks.progress import ProgressLog
-from tasks.queues import BULK, EMBED_SKILL
-from tasks.retry import backoff_seconds, describe, should_retry
-from tasks.swap import STAGE_SWITCH
-from tasks.switch import Stager, begin_staging, start_switch
+from tasks.switch import STAGE_SWITCH, Stager, begin_staging, start_switch
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def give_up_after_deaths(kwargs: dict[str, Any], args: list[Any]) -> WorkerDied 
     rt = runtime.current()
     skill_id = str(kwargs.get("skill_id") or (args[0] if args else ""))
     run_id = kwargs.get("run_id")
-    deaths = rt.crashes.deaths(run_id or APP_JOBS, [skill_id]).get(skill_id, 0)
+    deaths = rt.crashes.deaths(run_id or runtime.APP_JOBS, [skill_id]).get(skill_id, 0)
     if deaths < rt.settings.embed_max_deliveries:
         return None
     error = WorkerDied(deaths, skill_name(rt, skill_id, kwargs.get("tenant_id")))
@@ -102,7 +101,9 @@ def embed_skill(
             if isinstance(outcome, str):
                 return outcome  # recorded by its batch, which may have run before this job came
             return settle(self, outcome, skill_id, run_id)
-        result = embed_app_job(rt, request, self.request.id)
+        result, served = embed_app_job(rt, request, self.request.id)
+        if served:  # more of the burst is likely waiting: embed it while these jobs confirm
+            loops.lane_ahead(rt).ensure()
     except Exception as exc:
         # A cut connection, a deadlock, a timeout, Redis away: retried like Ollama being down.
         error = database_error(exc) or redis_error(exc)
@@ -117,25 +118,23 @@ def embed_item(rt: runtime.Runtime, run_id: str, request: EmbedRequest) -> str |
     skill_id = request.skill_id
     recorded = recorded_here.take(run_id, skill_id)
     if recorded is None:
-        with unscoped(rt.sessions) as session:
-            recorded = claims.item_outcome(session, run_id, skill_id)
+        with unscoped(rt.engine) as conn:
+            recorded = claims.item_outcome(conn, run_id, skill_id)
     if recorded is not None:
         return _settled(skill_id, *recorded)
-    run_loops.loops(rt).ensure(run_id, force=request.force)
+    loops.loops(rt).ensure(run_id, force=request.force)
     while True:
         batch = claim(rt, run_id, force=request.force, including=skill_id)
         if batch is not None:
             fetch(batch)
             results = write(batch)
             if batch.reopened:  # the run's close handed items back: the loop embeds them
-                run_loops.loops(rt).ensure(run_id, force=request.force)
+                loops.loops(rt).ensure(run_id, force=request.force)
             result = results[batch.skill_ids.index(skill_id)]
             return result.outcome.value if isinstance(result, Embedded) else result
         # Another batch holds the item: wait for it to end, then see what it recorded.
-        with unscoped(rt.sessions) as session:
-            state = claims.wait_for_item(
-                session, run_id, skill_id, timeout_seconds=rt.claim_seconds
-            )
+        with unscoped(rt.engine) as conn:
+            state = claims.wait_for_item(conn, run_id, skill_id, timeout_seconds=rt.claim_seconds)
         if state is None:  # not an item of that run (a hand-made message): embed it alone
             [alone] = embed_skills(rt, [request])
             return alone.outcome.value if isinstance(alone, Embedded) else alone
@@ -182,7 +181,7 @@ def backfill(
         self.request.id,
         tenant_id,
         force,
-        before_fanout=lambda run_id: run_loops.loops(rt).ensure(run_id, force=force),
+        before_fanout=lambda run_id: loops.loops(rt).ensure(run_id, force=force),
         continue_later=_continue_fan_out,
         retry_later=_retry_fan_out,
     )
@@ -210,6 +209,7 @@ def fan_out_rest(
             force=force,
             after=(str(after[0]), int(after[1])) if after else None,
             continue_later=_continue_fan_out,
+            handed_back=lambda run: loops.loops(rt).ensure(run, force=force),
         )
     except FanOutInterrupted as exc:
         retries = int(self.request.retries or 0)
@@ -293,7 +293,7 @@ def _bulk_jobs() -> int:
 def _stager(rt: runtime.Runtime) -> Stager:
     return Stager(
         embed_skill,
-        before_fanout=lambda run_id: run_loops.loops(rt).ensure(run_id, force=False),
+        before_fanout=lambda run_id: loops.loops(rt).ensure(run_id, force=False),
         continue_later=_continue_fan_out,
     )
 

@@ -1,8 +1,9 @@
-"""The worker's Prometheus metrics that task code moves (the scrape-time ones are in worker/).
+"""What a job is about, for its log lines and metrics; the Prometheus metrics task code moves
+(the scrape-time ones are in worker/).
 
-Created on first use, not at import: prometheus_client picks its multiprocess mode when a
-metric is created, from PROMETHEUS_MULTIPROC_DIR, which the worker sets before it forks its
-pool; importing this module from the web app's producer must not create anything either.
+Metrics are created on first use, not at import: prometheus_client picks its multiprocess mode
+when a metric is created, from PROMETHEUS_MULTIPROC_DIR, which the worker sets before it forks
+its pool; importing this module from the web app's producer must not create anything either.
 """
 
 from __future__ import annotations
@@ -13,10 +14,40 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tasks.context import job_fields
+from celery import current_task
+
+from tasks import EMBED_SKILL
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
+
+# The ids a job's arguments may carry, in `tasks.embed_skill`'s order (skill_id, tenant_id, run_id).
+JOB_FIELDS = ("skill_id", "tenant_id", "run_id")
+# The longest id a job may carry (tasks.arguments refuses longer ones); a log line never names
+# a longer value as an id.
+MAX_ID_LENGTH = 200
+
+
+def job_fields() -> dict[str, str]:
+    """task_id, skill_id, tenant_id and run_id of the current job, those it knows.
+
+    Empty outside a job: Celery keeps its current task per thread, so a batch thread's lines
+    name their ids with `extra=` instead.
+    """
+    task = current_task
+    request = getattr(task, "request", None) if task else None
+    task_id = getattr(request, "id", None)
+    if not task_id:
+        return {}
+    fields = {"task_id": str(task_id)}
+    # Positional arguments mean these ids only for embed_skill (the app's producers send them).
+    args = list(getattr(request, "args", None) or ()) if task.name == EMBED_SKILL else []
+    kwargs = dict(getattr(request, "kwargs", None) or {})
+    for index, name in enumerate(JOB_FIELDS):
+        value = kwargs.get(name, args[index] if index < len(args) else None)
+        if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
+            fields[name] = value
+    return fields
 
 
 UNKNOWN_TENANT = "unknown"

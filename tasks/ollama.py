@@ -1,5 +1,5 @@
-"""A small Ollama client for `POST /api/embed`: one pooled httpx transport per server, typed
-errors."""
+"""Ollama as the embedding provider (tasks.provider): `POST /api/embed` over one pooled httpx
+transport per server, its answers checked, its failures in the error tree of tasks.retry."""
 
 from __future__ import annotations
 
@@ -9,22 +9,21 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
 
-from tasks.errors import (
+from tasks.metrics import ollama_request_timer
+from tasks.provider import ModelInfo
+from tasks.retry import (
     BadEmbedding,
-    DimensionMismatch,
     MalformedAnswer,
     ModelCannotEmbed,
     ModelNotFound,
     OllamaRejected,
     OllamaUnavailable,
 )
-from tasks.metrics import ollama_request_timer
 from tasks.slots import OllamaSlots
 
 logger = logging.getLogger(__name__)
@@ -80,16 +79,6 @@ class Turns:
             with self._changed:
                 self._busy = False
                 self._changed.notify_all()
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What `/api/show` says of a model."""
-
-    name: str
-    embedding_length: int | None
-    context_length: int | None
-    can_embed: bool
 
 
 class OllamaClient:
@@ -243,22 +232,10 @@ class OllamaClient:
             can_embed=capabilities is None or "embedding" in capabilities,
         )
 
-    def preflight(self, *, model: str, dimensions: int) -> ModelInfo:
-        """Up, model pulled, can embed, right size: else the error that says what to do."""
+    def describe(self, model: str) -> ModelInfo:
+        """Up (`/api/version`) and `model` pulled (`/api/show`): what the server says of it."""
         self.version()
-        info = self.show(model)
-        if not info.can_embed:
-            raise ModelCannotEmbed(
-                f"model {model!r} on {self.base_url} is not an embedding model:"
-                " set OLLAMA_MODEL to one such as nomic-embed-text"
-            )
-        if info.embedding_length is not None and info.embedding_length != dimensions:
-            raise DimensionMismatch(
-                f"model {model!r} makes {info.embedding_length}-dimension vectors but"
-                f" {dimensions} are configured: set EMBEDDING_DIMENSIONS (and the column) to"
-                f" {info.embedding_length}, or use a {dimensions}-dimension model"
-            )
-        return info
+        return self.show(model)
 
 
 def _int_or_none(value: object) -> int | None:
@@ -273,7 +250,7 @@ def validate_embeddings(body: Any, *, expected: int, dimensions: int) -> list[li
     if len(vectors) != expected:
         raise MalformedAnswer(f"Ollama returned {len(vectors)} vectors for {expected} inputs")
     for index, vector in enumerate(vectors):
-        if not isinstance(vector, list) or len(vector) != dimensions:
+        if not isinstance(vector, list) or (dimensions and len(vector) != dimensions):
             size = len(vector) if isinstance(vector, list) else type(vector).__name__
             raise BadEmbedding(
                 f"Ollama returned a vector of {size} dimensions where {dimensions} are"

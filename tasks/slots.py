@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import redis
 from redis.lock import Lock
 
-from tasks.errors import OllamaUnavailable
+from tasks.retry import OllamaUnavailable
 
 # Between two tries for a busy slot: short against a batch's ~150 ms, long enough that a few
 # waiters do not load Redis.

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from db import migrate, runs
-from db.session import SessionFactory, make_engine, make_session_factory, scope_to_tenant
+from db.sql import make_engine, scope_to_tenant
 from devstack.fake_ollama import FakeOllama
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
@@ -135,24 +136,24 @@ def db(
 
 
 @pytest.fixture
-def sessions(db: Database) -> Iterator[SessionFactory]:
-    """Sessions as the worker's non-owner role, under row level security."""
+def engine(db: Database) -> Iterator[sa.Engine]:
+    """Connections as the worker's non-owner role, under row level security."""
     engine = make_engine(db.app_url.replace("postgresql://", "postgresql+psycopg://"))
-    yield make_session_factory(engine)
+    yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def pending_run(db: Database, sessions: SessionFactory) -> str:
+def pending_run(db: Database, engine: sa.Engine) -> str:
     """The id of a run of 10 published skills, all pending, as `tasks.backfill` records it."""
     db.add_tenant(TENANT_A)
     db.published_catalog(TENANT_A, 10)
     run_id = str(uuid.uuid4())
-    with sessions.begin() as session:
-        runs.create_run(session, run_id, None, False)
-        scope_to_tenant(session, TENANT_A)
+    with engine.begin() as conn:
+        runs.create_run(conn, run_id, None, False)
+        scope_to_tenant(conn, TENANT_A)
         runs.add_tenant_items(
-            session, run_id, TENANT_A, model="nomic-embed-text", dimensions=768, force=False
+            conn, run_id, TENANT_A, model="nomic-embed-text", dimensions=768, force=False
         )
     return run_id
 

@@ -15,7 +15,7 @@ import redis
 
 from devstack.postgres import LocalPostgres
 from devstack.redis import LocalRedis
-from tasks.queues import CONSUMED
+from tasks import CONSUMED
 from tests.databases import Database
 from tests.processes import Process, start_worker
 

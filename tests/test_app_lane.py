@@ -11,9 +11,9 @@ import pytest
 import redis
 from celery import Celery
 
+from db.catalog import input_hash, skill_text
 from devstack.fake_ollama import FakeOllama
-from tasks.queues import EMBED_SKILL, INTERACTIVE
-from tasks.text import input_hash, skill_text
+from tasks import EMBED_SKILL, INTERACTIVE
 from tests.backfills import embedded_ids
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker

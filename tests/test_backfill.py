@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from db.catalog import input_hash, skill_text
 from devstack.fake_ollama import FakeOllama
 from devstack.redis import LocalRedis
-from tasks.text import input_hash, skill_text
 from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, celery, start_worker

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from db import runs
-from tasks.batching import RunBatch, run_batches
 from tasks.embedding import Embedded, Outcome, Result
+from tasks.loops import RunBatch, run_batches
 from tasks.runtime import Runtime
 from tests.databases import Database
 from tests.test_claims import queue_order
@@ -23,9 +23,9 @@ def rt(db: Database, redis_url: str) -> Runtime:
 
 def write_all(batch: RunBatch) -> list[Result]:
     """What the real stage does, minus the vectors: record every item, commit, end."""
-    runs.record_outcomes(batch.session, batch.run_id, [(s, "embedded", None) for s in
+    runs.record_outcomes(batch.conn, batch.run_id, [(s, "embedded", None) for s in
                                                        batch.skill_ids])  # fmt: skip
-    batch.session.commit()
+    batch.conn.commit()
     batch.end()
     return [Embedded(Outcome.EMBEDDED, s) for s in batch.skill_ids]
 

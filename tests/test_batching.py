@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from db.catalog import skill_text
 from devstack.fake_ollama import FakeOllama
 from tasks import enqueue_embed_skill
-from tasks.text import skill_text
 from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process, start_worker

@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from db import claims, runs
-from db.session import SessionFactory
 from tests.databases import APP_ROLE, Database
 
 
@@ -24,8 +23,8 @@ def queue_order(db: Database, run_id: str) -> list[str]:
     return [str(row.skill_id) for row in rows]
 
 
-def test_two_claimers_never_get_the_same_item(sessions: SessionFactory, pending_run: str) -> None:
-    with sessions() as first, sessions() as second, sessions() as third:
+def test_two_claimers_never_get_the_same_item(engine: sa.Engine, pending_run: str) -> None:
+    with engine.connect() as first, engine.connect() as second, engine.connect() as third:
         a = ids(claims.claim_items(first, pending_run, 4))
         b = ids(claims.claim_items(second, pending_run, 4))
         c = ids(claims.claim_items(third, pending_run, 4))
@@ -36,21 +35,21 @@ def test_two_claimers_never_get_the_same_item(sessions: SessionFactory, pending_
 
 
 def test_a_claim_ends_with_its_transaction_and_the_items_are_claimed_again(
-    db: Database, sessions: SessionFactory, pending_run: str
+    db: Database, engine: sa.Engine, pending_run: str
 ) -> None:
-    with sessions() as first:
+    with engine.connect() as first:
         taken = ids(claims.claim_items(first, pending_run, 3))
         first.rollback()  # a batch that failed: nothing recorded
-        with sessions() as second:
+        with engine.connect() as second:
             again = ids(claims.claim_items(second, pending_run, 3))
 
     assert taken == again == queue_order(db, pending_run)[:3]
 
 
 def test_a_claim_held_by_a_connection_that_was_cut_is_free_at_once(
-    db: Database, sessions: SessionFactory, pending_run: str
+    db: Database, engine: sa.Engine, pending_run: str
 ) -> None:
-    first = sessions()
+    first = engine.connect()
     taken = ids(claims.claim_items(first, pending_run, 3))
     db.scalar(
         "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
@@ -58,7 +57,7 @@ def test_a_claim_held_by_a_connection_that_was_cut_is_free_at_once(
         role=APP_ROLE,
     )
 
-    with sessions() as second:
+    with engine.connect() as second:
         assert ids(claims.claim_items(second, pending_run, 3)) == taken
     with pytest.raises(OperationalError):
         runs.record_outcomes(first, pending_run, [(taken[0], "embedded", None)])
@@ -66,10 +65,10 @@ def test_a_claim_held_by_a_connection_that_was_cut_is_free_at_once(
 
 
 def test_a_job_claims_a_batch_led_by_its_own_item_or_nothing_while_another_holds_it(
-    db: Database, sessions: SessionFactory, pending_run: str
+    db: Database, engine: sa.Engine, pending_run: str
 ) -> None:
     order = queue_order(db, pending_run)
-    with sessions() as batch, sessions() as job:
+    with engine.connect() as batch, engine.connect() as job:
         assert ids(claims.claim_items(batch, pending_run, 3)) == order[:3]
         assert claims.claim_items(job, pending_run, 3, including=order[1]) == []
         led = ids(claims.claim_items(job, pending_run, 3, including=order[7]))
@@ -78,14 +77,14 @@ def test_a_job_claims_a_batch_led_by_its_own_item_or_nothing_while_another_holds
 
 
 def test_waiting_for_an_item_returns_what_its_batch_recorded(
-    sessions: SessionFactory, pending_run: str, db: Database
+    engine: sa.Engine, pending_run: str, db: Database
 ) -> None:
     skill = queue_order(db, pending_run)[0]
-    batch = sessions()
+    batch = engine.connect()
     claims.claim_items(batch, pending_run, 1)
     seen: list[tuple[str | None, str | None] | None] = []
     waiter = threading.Thread(
-        target=lambda: seen.append(_wait(sessions, pending_run, skill)), daemon=True
+        target=lambda: seen.append(_wait(engine, pending_run, skill)), daemon=True
     )
     waiter.start()
     waiter.join(0.5)
@@ -98,24 +97,22 @@ def test_waiting_for_an_item_returns_what_its_batch_recorded(
     assert seen == [("embedded", None)]
 
 
-def _wait(
-    sessions: SessionFactory, pending_run: str, skill: str
-) -> tuple[str | None, str | None] | None:
-    with sessions.begin() as session:
-        return claims.wait_for_item(session, pending_run, skill, timeout_seconds=10)
+def _wait(engine: sa.Engine, pending_run: str, skill: str) -> tuple[str | None, str | None] | None:
+    with engine.begin() as conn:
+        return claims.wait_for_item(conn, pending_run, skill, timeout_seconds=10)
 
 
 def test_an_outcome_is_recorded_once_when_two_recorders_race(
-    db: Database, sessions: SessionFactory, pending_run: str
+    db: Database, engine: sa.Engine, pending_run: str
 ) -> None:
     skill = queue_order(db, pending_run)[0]
     results: dict[str, runs.Recorded] = {}
 
-    def record(name: str, session: Session, outcome: str) -> None:
-        results[name] = runs.record_outcomes(session, pending_run, [(skill, outcome, None)])
-        session.commit()
+    def record(name: str, conn: sa.Connection, outcome: str) -> None:
+        results[name] = runs.record_outcomes(conn, pending_run, [(skill, outcome, None)])
+        conn.commit()
 
-    with sessions() as first, sessions() as second:
+    with engine.connect() as first, engine.connect() as second:
         runs.record_outcomes(first, pending_run, [])  # both transactions are open
         record("first", first, "embedded")
         late = threading.Thread(target=record, args=("second", second, "failed"))
@@ -134,21 +131,21 @@ def test_an_outcome_is_recorded_once_when_two_recorders_race(
 
 
 def test_a_run_finishes_exactly_once_when_its_last_items_are_recorded_side_by_side(
-    db: Database, sessions: SessionFactory, pending_run: str
+    db: Database, engine: sa.Engine, pending_run: str
 ) -> None:
     order = queue_order(db, pending_run)
-    with sessions.begin() as session:
-        runs.record_outcomes(session, pending_run, [(s, "embedded", None) for s in order[:8]])
+    with engine.begin() as conn:
+        runs.record_outcomes(conn, pending_run, [(s, "embedded", None) for s in order[:8]])
     finished: list[bool] = []
     barrier = threading.Barrier(2)
 
     def record(skill: str) -> None:
-        with sessions() as session:
-            claims.claim_items(session, pending_run, 1, including=skill)
+        with engine.connect() as conn:
+            claims.claim_items(conn, pending_run, 1, including=skill)
             barrier.wait()
-            finished.append(runs.record_outcomes(session, pending_run, [(skill, "embedded", None)])
+            finished.append(runs.record_outcomes(conn, pending_run, [(skill, "embedded", None)])
                             .finished)  # fmt: skip
-            session.commit()
+            conn.commit()
 
     threads = [threading.Thread(target=record, args=(skill,)) for skill in order[8:]]
     for thread in threads:
@@ -162,13 +159,13 @@ def test_a_run_finishes_exactly_once_when_its_last_items_are_recorded_side_by_si
 
 
 def test_a_run_whose_pending_items_are_all_held_is_not_offered_for_recovery(
-    sessions: SessionFactory, pending_run: str
+    engine: sa.Engine, pending_run: str
 ) -> None:
-    with sessions() as holder:
+    with engine.connect() as holder:
         claims.claim_items(holder, pending_run, 9)
-        with sessions.begin() as session:
-            assert claims.runs_with_free_items(session) == [(pending_run, False)]
-    with sessions() as holder:
+        with engine.begin() as conn:
+            assert claims.runs_with_free_items(conn) == [(pending_run, False)]
+    with engine.connect() as holder:
         claims.claim_items(holder, pending_run, 10)
-        with sessions.begin() as session:
-            assert claims.runs_with_free_items(session) == []
+        with engine.begin() as conn:
+            assert claims.runs_with_free_items(conn) == []

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from db.services import SkillRecord
+from db.catalog import SkillRecord, input_hash, skill_text
 from tasks.embedding import Outcome, StoredEmbedding, TenantConfig, decide
-from tasks.errors import ModelNotFound, OllamaUnavailable
-from tasks.retry import backoff_seconds, should_retry
-from tasks.text import input_hash, skill_text
+from tasks.retry import ModelNotFound, OllamaUnavailable, backoff_seconds, should_retry
 from worker.settings import mask_url, normalise_database_url
 
 CONFIG = TenantConfig(True, "http://ollama:11434", "nomic-embed-text", 768)

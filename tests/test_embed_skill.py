@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from db.catalog import input_hash, skill_text
 from devstack.fake_ollama import FakeOllama, vector_for
 from tasks import enqueue_embed_skill
-from tasks.text import input_hash, skill_text
 from tests.databases import TENANT_A, TENANT_B, Database
 from tests.processes import Process
 from tests.waiting import wait_until

@@ -15,8 +15,7 @@ import pytest
 from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port, wait_for_port
 from devstack.postgres import LocalPostgres
-from tasks import enqueue_embed_skill
-from tasks.queues import BULK, CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
+from tasks import BULK, CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE, enqueue_embed_skill
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, celery
 from tests.shared_worker import SharedWorker

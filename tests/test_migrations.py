@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from db import migrate
-from db.session import make_engine
+from db.sql import make_engine
 from tests.databases import APP_ROLE, OWNER, Database
 
 APP_TABLES = ("tenants", "skills", "skill_embeddings", "site_settings")

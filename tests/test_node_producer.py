@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 import redis
 
+from db.catalog import input_hash, skill_text
 from devstack.ports import free_port
-from tasks import enqueue_embed_skill
-from tasks.queues import BULK, EMBED_SKILL, INTERACTIVE
-from tasks.text import input_hash, skill_text
+from tasks import BULK, EMBED_SKILL, INTERACTIVE, enqueue_embed_skill
 from tests.databases import TENANT_A, Database
 from tests.processes import Process
 from tests.waiting import wait_until

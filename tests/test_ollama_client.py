@@ -9,7 +9,9 @@ from contextlib import closing
 import pytest
 
 from devstack.fake_ollama import FakeOllama, vector_for
-from tasks.errors import (
+from tasks.ollama import OllamaClient, Turns
+from tasks.provider import ready
+from tasks.retry import (
     BadEmbedding,
     DimensionMismatch,
     MalformedAnswer,
@@ -20,7 +22,6 @@ from tasks.errors import (
     PermanentError,
     TransientError,
 )
-from tasks.ollama import OllamaClient, Turns
 from tests.waiting import wait_until
 
 MODEL = "nomic-embed-text"
@@ -157,13 +158,14 @@ def test_a_path_that_is_not_ollama_is_refused_permanently(ollama: FakeOllama) ->
         embed(client, "x")
 
 
-# --- preflight --------------------------------------------------------------------------------
+# --- preflight (tasks.provider.ready through the client) --------------------------------
 
 
 def test_preflight_reports_the_models_size_and_context(client: OllamaClient) -> None:
-    info = client.preflight(model=MODEL, dimensions=768)
+    info = client.describe(MODEL)
 
     assert (info.embedding_length, info.context_length, info.can_embed) == (768, 2048, True)
+    assert ready(client, MODEL, configured=768) == 768
 
 
 def test_preflight_of_a_missing_model_says_how_to_pull_it(
@@ -172,28 +174,28 @@ def test_preflight_of_a_missing_model_says_how_to_pull_it(
     ollama.models = {"llama3"}
 
     with pytest.raises(ModelNotFound, match="ollama pull nomic-embed-text"):
-        client.preflight(model=MODEL, dimensions=768)
+        ready(client, MODEL, configured=768)
 
 
 def test_preflight_of_another_size_names_both(client: OllamaClient, ollama: FakeOllama) -> None:
     ollama.dimensions = 1024
 
     with pytest.raises(DimensionMismatch, match="makes 1024-dimension vectors but 768"):
-        client.preflight(model=MODEL, dimensions=768)
+        ready(client, MODEL, configured=768)
 
 
 def test_preflight_of_a_model_that_cannot_embed(client: OllamaClient, ollama: FakeOllama) -> None:
     ollama.embedding_capable = False
 
     with pytest.raises(ModelCannotEmbed, match="not an embedding model"):
-        client.preflight(model=MODEL, dimensions=768)
+        ready(client, MODEL, configured=768)
 
 
 def test_preflight_of_an_ollama_that_is_down(client: OllamaClient, ollama: FakeOllama) -> None:
     ollama.down()
 
     with pytest.raises(OllamaUnavailable, match="start it"):
-        client.preflight(model=MODEL, dimensions=768)
+        ready(client, MODEL, configured=768)
 
 
 def test_a_job_from_the_app_goes_before_waiting_batches() -> None:

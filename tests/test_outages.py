@@ -12,10 +12,10 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from db.catalog import input_hash, skill_text
 from devstack.fake_ollama import FakeOllama
 from devstack.redis import LocalRedis
 from tasks import enqueue_embed_skill
-from tasks.text import input_hash, skill_text
 from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, celery, start_worker

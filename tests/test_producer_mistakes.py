@@ -18,8 +18,7 @@ from celery import Celery
 
 from devstack.fake_ollama import FakeOllama
 from devstack.ports import free_port
-from tasks import enqueue_embed_skill
-from tasks.queues import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE
+from tasks import CELERY_DEFAULT, EMBED_SKILL, INTERACTIVE, enqueue_embed_skill
 from tests.backfills import embedded_ids
 from tests.databases import TENANT_A, Database
 from tests.processes import celery, start_worker

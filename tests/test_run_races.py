@@ -12,8 +12,7 @@ import redis
 import sqlalchemy as sa
 
 from devstack.fake_ollama import FakeOllama
-from tasks import enqueue_embed_skill
-from tasks.queues import INTERACTIVE
+from tasks import INTERACTIVE, enqueue_embed_skill
 from tests.backfills import (
     call_backfill,
     embedded_ids,

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from devstack.redis import LocalRedis
-from tasks.errors import OllamaUnavailable
+from tasks.retry import OllamaUnavailable
 from tasks.slots import OllamaSlots
 
 URL = "http://127.0.0.1:11434"

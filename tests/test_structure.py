@@ -14,7 +14,7 @@ import redis
 from celery import Celery
 
 from devstack.fake_ollama import FakeOllama
-from tasks.queues import INTERACTIVE
+from tasks import INTERACTIVE
 from tests.backfills import call_backfill, embedded_ids, published_catalog, summaries
 from tests.databases import TENANT_A, Database
 from tests.processes import Process, start_worker
@@ -26,7 +26,7 @@ PACKAGES = ("worker", "tasks", "db", "devstack", "bench")
 HEAVY = ("sqlalchemy", "psycopg", "prometheus_client", "pydantic", "pydantic_settings", "httpx")
 # The producer API's own modules, constants and a lazy Celery producer: the web app imports them;
 # and the record of refused messages, which the broker transport (worker.transport) loads.
-LIGHT_TASK_MODULES = {"tasks", "tasks.producer", "tasks.queues", "tasks.refusals"}
+LIGHT_TASK_MODULES = {"tasks", "tasks.refusals"}
 
 
 def module_name(path: Path) -> str:
@@ -108,7 +108,78 @@ def test_imports_point_from_worker_to_tasks_to_db_never_back() -> None:
 
 def test_the_runtime_knows_no_module_that_embeds() -> None:
     imports = import_graph()["tasks.runtime"]
-    assert not imports & {"tasks.run_loops", "tasks.batching", "tasks.jobs", "tasks.embedding"}
+    assert not imports & {"tasks.loops", "tasks.app_lane", "tasks.jobs", "tasks.embedding"}
+
+
+# A house a newcomer reads in one pass (README.md, "The map of the code").
+MOST_TASK_MODULES = 16
+MOST_IMPORT_LEVELS = 8
+# What an app job and a run's batch run through, and the backfill beside them: none of it may
+# reach a module of the model switch, which plugs in through tasks.runtime's hooks instead.
+LIVE_PATH = {"tasks.app_lane", "tasks.loops", "tasks.embedding", "tasks.progress",
+             "tasks.backfill", "tasks.runtime", "tasks.provider", "tasks.ollama"}  # fmt: skip
+SWITCH_MODULES = {"tasks.switch", "db.staging"}
+
+
+def task_graph() -> dict[str, set[str]]:
+    graph = import_graph()
+    tasks = {m for m in graph if m.split(".")[0] == "tasks"}
+    return {m: {t for t in graph[m] if t in tasks and t != m} for m in tasks}
+
+
+def levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's level: 1 for one that imports no other, else one more than its highest."""
+    found: dict[str, int] = {}
+
+    def level(module: str) -> int:
+        if module not in found:
+            found[module] = 1 + max((level(t) for t in graph[module]), default=0)
+        return found[module]
+
+    for module in graph:
+        level(module)
+    return found
+
+
+def test_tasks_holds_at_most_16_modules_on_at_most_8_levels() -> None:
+    graph = task_graph()
+    assert len(graph) <= MOST_TASK_MODULES, sorted(graph)
+    deepest = max(levels(graph).items(), key=lambda item: item[1])
+    assert deepest[1] <= MOST_IMPORT_LEVELS, deepest
+
+
+def test_the_live_path_reaches_no_module_of_the_switch() -> None:
+    graph = import_graph()
+    seen: set[str] = set()
+    todo = list(LIVE_PATH)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph[module])
+    assert seen & SWITCH_MODULES == set()
+    # The task table registers the switch's tasks; nothing else of tasks/ names it.
+    importers = {m for m, targets in graph.items() if targets & SWITCH_MODULES}
+    assert {m for m in importers if m.startswith("tasks")} <= {"tasks.jobs", "tasks.switch"}
+
+
+def test_sql_is_written_in_db_alone_and_each_upsert_once() -> None:
+    # One dialect: SQL text through SQLAlchemy Core, in db/ (tests and benches aside).
+    outside = sorted(
+        str(path.relative_to(ROOT))
+        for package in ("tasks", "worker")
+        for path in (ROOT / package).rglob("*.py")
+        if re.search(r"^from sqlalchemy import .*\btext\b|sqlalchemy\.orm", path.read_text(), re.M)
+    )
+    assert outside == []
+    code = "\n".join(p.read_text() for p in (ROOT / "db").glob("*.py"))
+    for table in ("skill_embeddings", "staged_embeddings", "site_settings", "embedding_failures"):
+        upserts = re.findall(rf"INSERT INTO {table}\b.*?(?:ON CONFLICT|$)", code, re.S)
+        conflicts = [u for u in upserts if u.endswith("ON CONFLICT")]
+        assert len(conflicts) <= 1 or table == "skill_embeddings", (table, len(conflicts))
+    # skill_embeddings is written from a job's vectors and from a switch's staged ones: one
+    # conflict clause, shared.
+    assert code.count("skill_embeddings_tenant_skill_unique DO UPDATE") == 1
 
 
 # What a producer's own interpreter (the web app's Python side, a script) loads to send a job.

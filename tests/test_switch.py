@@ -10,9 +10,9 @@ import sys
 import pytest
 import sqlalchemy as sa
 
+from db.catalog import skill_text
 from devstack.fake_ollama import FakeOllama, vector_for
 from tasks import enqueue_embed_skill
-from tasks.text import skill_text
 from tests.backfills import call_backfill, published_catalog, summaries
 from tests.databases import APP_ROLE, TENANT_A, Database
 from tests.processes import Process
@@ -305,3 +305,7 @@ def test_skills_edited_published_and_unpublished_during_staging_end_current(
     assert ids == (set(skills) - {skills[1]}) | {fresh}
     assert_new_vectors_of_current_text(db)
     assert worker.log().count(SWAPPED) == 1
+    # One summary, like a backfill's: X + Z = Y, the catalog at the switch's end (199 of the
+    # 200 still published, and the one published during it); the one that left, on its own line.
+    assert staged_summaries(worker.log()) == [(200, 200, NEW, 0)]
+    assert "1 skill left the catalog during the run (1 unpublished, 0 deleted)." in worker.log()

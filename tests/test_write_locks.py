@@ -10,8 +10,10 @@ import pytest
 import sqlalchemy as sa
 
 from db import staging
-from db.session import job_transaction
+from db.catalog import input_hash, skill_text
+from db.sql import unscoped
 from devstack.fake_ollama import FakeOllama
+from tasks import switch as model_switch
 from tasks.app_lane import Together, fetch_together, write_together
 from tasks.embedding import (
     Batch,
@@ -23,9 +25,8 @@ from tasks.embedding import (
     load_and_decide,
     write_vectors,
 )
-from tasks.errors import ModelSwitched
+from tasks.retry import ModelSwitched
 from tasks.runtime import Runtime
-from tasks.text import input_hash, skill_text
 from tests.databases import APP_ROLE, TENANT_A, Database
 from tests.waiting import wait_until
 from worker.settings import Settings
@@ -44,7 +45,7 @@ def rt(db: Database, redis_url: str, ollama: FakeOllama) -> Iterator[Runtime]:
 
 def fetched(rt: Runtime, skill: str) -> Batch:
     """A lone app job's batch, decided and given its vector, not yet written."""
-    with job_transaction(rt.engine) as conn:
+    with unscoped(rt.engine) as conn:
         batch = load_and_decide(rt, conn, [EmbedRequest(skill, TENANT_A)])
     fetch_vectors(rt, batch, urgent=True)
     return batch
@@ -56,7 +57,7 @@ def write_in_thread(rt: Runtime, batch: Batch) -> Callable[[], list[Result]]:
 
     def write() -> None:
         try:
-            with job_transaction(rt.engine) as conn:
+            with unscoped(rt.engine) as conn:
                 out.append(write_vectors(rt, conn, batch))
         except BaseException as exc:
             out.append(exc)
@@ -127,12 +128,12 @@ def test_a_write_clears_the_skills_failure_only_when_it_writes(db: Database, rt:
 
 def switching(db: Database, rt: Runtime) -> staging.Switch:
     """TENANT_A's switch to NEW with its staging run, as `switch-model` starts it."""
-    with rt.sessions.begin() as session:
-        staging.add_switch(session, TENANT_A, model=NEW, dimensions=768,
+    with rt.engine.begin() as conn:
+        staging.add_switch(conn, TENANT_A, model=NEW, dimensions=768,
                            from_model="nomic-embed-text", position=0)  # fmt: skip
-        [switch] = staging.list_switches(session)
-        staging.start_run(session, switch, staging.new_run_id())
-        [switch] = staging.list_switches(session)
+        [switch] = staging.list_switches(conn)
+        staging.start_run(conn, switch, staging.new_run_id())
+        [switch] = staging.list_switches(conn)
     return switch
 
 
@@ -141,9 +142,8 @@ def test_a_swap_committed_while_the_write_waits_is_seen_by_it_whole(
 ) -> None:
     db.add_tenant(TENANT_A)
     skill = db.add_skill(TENANT_A, "Review pull requests", "Flag risky changes")
-    switch = switching(db, rt)
+    switching(db, rt)
     batch = fetched(rt, skill)
-    assert batch.switches == {TENANT_A: switch}
 
     with db.admin.connect() as swap:
         # What db.staging.swap does, held open: the settings row first, then the switch gone.
@@ -160,23 +160,21 @@ def test_a_swap_committed_while_the_write_waits_is_seen_by_it_whole(
     [result] = results()
     assert isinstance(result, ModelSwitched)
     assert db.embedding_rows() == []
-    # Its older snapshot still showed the switch: the swapped model says it is over.
-    assert batch.switches == {}
 
 
-def test_an_app_jobs_batch_names_the_switch_it_wrote_under_for_stage_edits(
+def test_an_app_jobs_live_write_is_staged_for_a_switch_under_way_through_its_hook(
     db: Database, rt: Runtime, ollama: FakeOllama
 ) -> None:
     db.add_tenant(TENANT_A)
     skill = db.add_skill(TENANT_A, "Review pull requests", "Flag risky changes")
-    switch = switching(db, rt)
+    switching(db, rt)
+    model_switch.switching.forget()  # this process's last look at the switches predates this one
 
-    # The app lane's own steps: its write stages the new model's vector from what the batch saw.
+    # The app lane's own steps: after its live write, the switch's hook stages the new model's.
     together = Together(EmbedRequest(skill, TENANT_A), [])
     batch = fetch_together(rt, together)
     result = write_together(rt, together, batch)
     assert result == Embedded(Outcome.EMBEDDED, "Review pull requests")
-    assert batch.switches == {TENANT_A: switch}
 
     [staged] = db.rows("SELECT skill_id, model_name FROM staged_embeddings")
     assert (staged.skill_id, staged.model_name) == (skill, NEW)

@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 import redis
 
-from tasks.errors import database_error
-from tasks.retry import describe
+from tasks.retry import database_error, describe
 
 logger = logging.getLogger(__name__)
 

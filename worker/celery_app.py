@@ -14,7 +14,7 @@ from celery import Celery
 from celery.loaders.app import AppLoader
 from kombu import Exchange, Queue
 
-from tasks.queues import BULK, CELERY_DEFAULT, INTERACTIVE
+from tasks import BULK, CELERY_DEFAULT, INTERACTIVE
 from worker.environment import Messaging, load_or_exit
 from worker.flower_guard import guard_flower
 

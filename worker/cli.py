@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from db import migrate
-    from db.session import make_engine
+    from db.sql import make_engine
 
     engine = make_engine(settings.database_url)
     try:
@@ -103,6 +103,7 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
 
 def _backfill(settings: Settings, args: argparse.Namespace) -> int:
     from tasks import runtime
+    from tasks.progress import left_catalog, summary
     from worker.celery_app import app
     from worker.operations import BackfillFailed, follow_run
 
@@ -117,9 +118,9 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
     except BackfillFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(state.summary)
-    if state.left_catalog is not None:
-        print(state.left_catalog)
+    print(summary(state))
+    if (left := left_catalog(state)) is not None:
+        print(left)
     return 0 if state.failed == 0 else 1
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from db import failures, runs
 from db.failures import Failure
-from db.session import tenant_scope, unscoped
+from db.sql import tenant_scope, unscoped
 from tasks.runtime import Runtime
 
 
@@ -24,10 +24,10 @@ class FailureReport:
 
 
 def failure_report(rt: Runtime) -> FailureReport:
-    with unscoped(rt.sessions) as session:
-        run = runs.latest_run(session)
-        in_run = failures.run_failures(session, run.id) if run is not None else []
-        outside = failures.failures_outside_runs(session)
+    with unscoped(rt.engine) as conn:
+        run = runs.latest_run(conn)
+        in_run = failures.run_failures(conn, run.id) if run is not None else []
+        outside = failures.failures_outside_runs(conn)
     by_tenant: dict[str, list[str]] = defaultdict(list)
     for failure in (*in_run, *outside):
         if failure.tenant_id is not None:
@@ -35,8 +35,8 @@ def failure_report(rt: Runtime) -> FailureReport:
     names: dict[str, str] = {}
     # Skills are behind row level security: their names are read tenant by tenant.
     for tenant, skill_ids in by_tenant.items():
-        with tenant_scope(rt.sessions, tenant) as session:
-            names.update(failures.skill_names(session, skill_ids))
+        with tenant_scope(rt.engine, tenant) as conn:
+            names.update(failures.skill_names(conn, skill_ids))
     return FailureReport(run, in_run, outside, names)
 
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import bootsteps
-from sqlalchemy import text
 
 from worker.settings import Settings, mask_url
 
@@ -130,13 +129,13 @@ def check_readiness(settings: Settings) -> Iterator[Check]:
     """Redis, PostgreSQL (as the worker's role), and each Ollama enabled tenants use."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from db.sql import ping
     from tasks import runtime
 
     yield check_redis(settings)
     rt = runtime.install(settings)
     try:
-        with rt.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(rt.engine)
     except SQLAlchemyError as exc:
         from worker.errors import describe_operational_error
 
@@ -149,25 +148,26 @@ def check_readiness(settings: Settings) -> Iterator[Check]:
 
 def check_ollamas(rt: Runtime) -> Iterator[Check]:
     """Each distinct (Ollama, model) of the enabled tenants, and the worker's own default."""
-    from db import services
-    from db.session import tenant_scope, unscoped
+    from db import catalog
+    from db.sql import tenant_scope, unscoped
     from tasks.embedding import tenant_config
-    from tasks.errors import EmbedderError
+    from tasks.provider import ready
+    from tasks.retry import EmbedderError
 
     settings = rt.settings
     wanted: dict[tuple[str, str], int] = {
         (settings.ollama_url, settings.ollama_model): settings.embedding_dimensions
     }
-    with unscoped(rt.sessions) as session:
-        tenants = services.list_active_tenants(session)
+    with unscoped(rt.engine) as conn:
+        tenants = catalog.list_active_tenants(conn)
     for tenant in tenants:
-        with tenant_scope(rt.sessions, tenant) as session:
-            config = tenant_config(rt, session, tenant)
+        with tenant_scope(rt.engine, tenant) as conn:
+            config = tenant_config(rt, conn, tenant)
         if config.enabled:
             wanted[(config.ollama_url, config.model)] = config.dimensions
     for (url, model), dimensions in wanted.items():
         try:
-            rt.ollama.for_url(url).preflight(model=model, dimensions=dimensions)
+            ready(rt.providers.for_url(url), model, configured=dimensions)
         except EmbedderError as exc:
             yield Check(f"ollama {url}", str(exc))
         else:

@@ -11,8 +11,8 @@ from celery.app.trace import LOG_RETRY
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pythonjsonlogger.json import JsonFormatter
 
-from tasks.context import job_fields
-from tasks.errors import database_error
+from tasks.metrics import job_fields
+from tasks.retry import database_error
 
 CONTEXT_FIELDS = ("task_id", "skill_id", "run_id", "tenant_id")
 

@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import runs
-from db.session import make_engine, make_session_factory, unscoped
+from db.sql import make_engine, unscoped
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -98,11 +98,11 @@ class WorkerCollector:
     def _newest_run_counts(self) -> dict[str, int]:
         if self._engine is None:
             self._engine = make_engine(self.database_url, pool_size=1)
-        with unscoped(make_session_factory(self._engine)) as session:
-            run = runs.latest_run(session)
+        with unscoped(self._engine) as conn:
+            run = runs.latest_run(conn)
             if run is None:
                 return {}
-            pending = runs.pending_count(session, run.id)
+            pending = runs.pending_count(conn, run.id)
         return {
             "total": run.total,
             "pending": pending,

@@ -17,7 +17,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from tasks.queues import CONSUMED
+from tasks import CONSUMED
 from worker import logs, metrics
 from worker.health import heartbeat_step
 from worker.settings import Settings

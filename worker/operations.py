@@ -12,16 +12,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from db import failures, runs, services
-from db.session import tenant_scope, unscoped
+from db import catalog, failures, runs
+from db.sql import tenant_scope, unscoped
 from tasks import refusals
 from tasks.embedding import tenant_config
+from tasks.progress import left_catalog, summary
 from tasks.runtime import Runtime
 
 
 @dataclass(frozen=True, slots=True)
 class TenantCoverage:
-    coverage: services.Coverage
+    coverage: catalog.Coverage
     enabled: bool
     model: str
 
@@ -33,14 +34,14 @@ COVERAGE_CONNECTIONS = 4
 
 
 def coverage_report(rt: Runtime) -> list[TenantCoverage]:
-    with unscoped(rt.sessions) as session:
-        tenants = services.list_active_tenants(session)
+    with unscoped(rt.engine) as conn:
+        tenants = catalog.list_active_tenants(conn)
 
     def count(tenant: str) -> TenantCoverage:
-        with tenant_scope(rt.sessions, tenant) as session:
-            config = tenant_config(rt, session, tenant)
+        with tenant_scope(rt.engine, tenant) as conn:
+            config = tenant_config(rt, conn, tenant)
             dimensions = config.dimensions or rt.settings.embedding_dimensions
-            cover = services.coverage(session, tenant, model=config.model, dimensions=dimensions)
+            cover = catalog.coverage(conn, tenant, model=config.model, dimensions=dimensions)
         return TenantCoverage(cover, config.enabled, config.model)
 
     if len(tenants) < 2:
@@ -74,10 +75,10 @@ def describe_run(state: runs.RunState | None) -> str:
     if state.kind == runs.SWITCH:
         return describe_staging_run(state)
     if state.finished_at is not None:
-        left = f" {state.left_catalog}" if state.left_catalog else ""
+        left = f" {left_catalog(state)}" if left_catalog(state) else ""
         return (
             f"Last backfill {state.id} finished {state.finished_at:%Y-%m-%d %H:%M:%S}:"
-            f" {state.summary}{left}"
+            f" {summary(state)}{left}"
         )
     return (
         f"Backfill {state.id} running since {state.started_at:%Y-%m-%d %H:%M:%S}:"
@@ -90,7 +91,7 @@ def describe_staging_run(state: runs.RunState) -> str:
     """A model switch's staging run: its vectors went aside, not into live search."""
     what = f"staging a switch to {state.model} ({state.tenant_id}), run {state.id}"
     if state.finished_at is not None:
-        return f"Last run: {what}, finished {state.finished_at:%Y-%m-%d %H:%M:%S}: {state.summary}"
+        return f"Last run: {what}, finished {state.finished_at:%Y-%m-%d %H:%M:%S}: {summary(state)}"
     return (
         f"Running: {what}, since {state.started_at:%Y-%m-%d %H:%M:%S}:"
         f" {state.done}/{state.total} done ({state.embedded} staged, {state.unchanged}"
@@ -128,11 +129,11 @@ def print_status(rt: Runtime, console: Console) -> None:
     from worker.switching import describe_switch, switch_report
 
     console.print(coverage_table(coverage_report(rt)))
-    with unscoped(rt.sessions) as session:
+    with unscoped(rt.engine) as conn:
         # One line however narrow the terminal: operators grep it.
-        console.print(describe_run(runs.latest_run(session)), soft_wrap=True)
-        console.print(describe_oldest_pending(failures.oldest_pending_item(session)))
-        console.print(describe_kept(runs.kept(session), rt.settings.run_retention_days))
+        console.print(describe_run(runs.latest_run(conn)), soft_wrap=True)
+        console.print(describe_oldest_pending(failures.oldest_pending_item(conn)))
+        console.print(describe_kept(runs.kept(conn), rt.settings.run_retention_days))
     for row in switch_report(rt):
         console.print("\n".join(describe_switch(row)), highlight=False, markup=False)
     console.print(describe_refusals(refusals.counts(rt.redis)), highlight=False, markup=False)
@@ -155,11 +156,11 @@ def status_document(rt: Runtime) -> dict[str, Any]:
     from worker.switching import switches_document
 
     report = coverage_report(rt)
-    with unscoped(rt.sessions) as session:
-        run = runs.latest_run(session)
-        pending = runs.pending_count(session, run.id) if run is not None else 0
-        oldest = failures.oldest_pending_item(session)
-        runs_kept, items_kept = runs.kept(session)
+    with unscoped(rt.engine) as conn:
+        run = runs.latest_run(conn)
+        pending = runs.pending_count(conn, run.id) if run is not None else 0
+        oldest = failures.oldest_pending_item(conn)
+        runs_kept, items_kept = runs.kept(conn)
     return {
         "tenants": [
             {
@@ -209,7 +210,7 @@ def run_document(run: runs.RunState, pending: int) -> dict[str, Any]:
         "left_catalog": {"unpublished": run.unpublished, "deleted": run.deleted},
         "started_at": run.started_at.isoformat(),
         "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
-        "summary": run.summary if run.finished_at is not None else None,
+        "summary": summary(run) if run.finished_at is not None else None,
     }
 
 
@@ -234,8 +235,8 @@ def follow_run(
     ) as progress:
         bar = progress.add_task("backfill", total=None, detail="waiting for a worker")
         while True:
-            with unscoped(rt.sessions) as session:
-                state = runs.get_run(session, run_id)
+            with unscoped(rt.engine) as conn:
+                state = runs.get_run(conn, run_id)
             if state is None and result.state == "FAILURE":
                 raise BackfillFailed(str(result.result))
             if state is None and result.state == "SUCCESS" and isinstance(result.result, dict):

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from db import services
-from db.session import tenant_scope
+from db import catalog
+from db.sql import tenant_scope
 from tasks import runtime
 from tasks.embedding import tenant_config
 
@@ -15,14 +15,14 @@ from tasks.embedding import tenant_config
 def search_command(settings: Any, args: argparse.Namespace) -> int:
     rt = runtime.install(settings)
     tenant = args.tenant or settings.default_tenant_id
-    with tenant_scope(rt.sessions, tenant) as session:
-        config = tenant_config(rt, session, tenant)
+    with tenant_scope(rt.engine, tenant) as conn:
+        config = tenant_config(rt, conn, tenant)
     # As the app embeds a query: the tenant's model, through the deployment's slot, urgent.
-    [query] = rt.ollama.for_url(config.ollama_url).embed(
+    [query] = rt.providers.for_url(config.ollama_url).embed(
         [args.text], model=config.model, dimensions=config.dimensions, urgent=True
     )
-    with tenant_scope(rt.sessions, tenant) as session:
-        hits = services.nearest_skills(session, tenant, query, limit=args.limit)
+    with tenant_scope(rt.engine, tenant) as conn:
+        hits = catalog.nearest_skills(conn, tenant, query, limit=args.limit)
     if not hits:
         print(f"No embedded skill in tenant {tenant!r}.", file=sys.stderr)
         return 1

@@ -17,9 +17,8 @@ from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
-from tasks import app_lane, run_loops, runtime
+from tasks import INTERACTIVE, loops, runtime
 from tasks.jobs import reconcile
-from tasks.queues import INTERACTIVE
 from worker import catch_up, logs
 from worker.observability import install_observability
 from worker.settings import Settings, mask_url
@@ -92,8 +91,7 @@ def _start_pool_process(**_: Any) -> None:
     # A forked pool process must not reuse the parent's database or HTTP sockets.
     rt = runtime.current()
     rt.reset()
-    run_loops.reset()
-    app_lane.reset()
+    loops.reset()
     # The batch loop's threads wait on Ollama and PostgreSQL while the job thread runs Python;
     # a shorter GIL switch interval hands them the GIL sooner when their answer arrives.
     sys.setswitchinterval(0.001)
@@ -101,7 +99,7 @@ def _start_pool_process(**_: Any) -> None:
     # wait in its unacked messages for the visibility timeout) get a loop here, now and while
     # they stay open, without beat.
     threading.Thread(
-        target=run_loops.loops(rt).recover_every,
+        target=loops.loops(rt).recover_every,
         args=(rt.settings.recovery_interval_seconds,),
         name="run-recovery",
         daemon=True,
@@ -112,6 +110,5 @@ def _start_pool_process(**_: Any) -> None:
 
 def _stop_batches(**_: Any) -> None:
     # Batches claimed now would only wait out their lease: leave those items to their jobs.
-    run_loops.stop()
-    app_lane.stop()
+    loops.stop()
     catch_up.stop()

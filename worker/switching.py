@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from db import runs, staging
-from db.session import tenant_scope, unscoped
+from db.sql import tenant_scope, unscoped
 from tasks import runtime
-from tasks.errors import EmbedderError
+from tasks.retry import EmbedderError
 from tasks.runtime import Runtime
 from tasks.switch import cancel_switch, plan_switch
 
@@ -32,14 +32,14 @@ class SwitchState:
 
 def switch_report(rt: Runtime) -> list[SwitchState]:
     """Every switch under way: how far its staging is, and what failed."""
-    with unscoped(rt.sessions) as session:
-        switches = staging.list_switches(session)
+    with unscoped(rt.engine) as conn:
+        switches = staging.list_switches(conn)
     report = []
     for switch in switches:
-        with tenant_scope(rt.sessions, switch.tenant_id) as session:
-            count = staging.staged_count(session, switch.tenant_id, switch.model)
-            run = runs.get_run(session, switch.run_id) if switch.run_id else None
-            failed = staging.failed_items(session, run.id) if run and run.failed else []
+        with tenant_scope(rt.engine, switch.tenant_id) as conn:
+            count = staging.staged_count(conn, switch.tenant_id, switch.model)
+            run = runs.get_run(conn, switch.run_id) if switch.run_id else None
+            failed = staging.failed_items(conn, run.id) if run and run.failed else []
         if run is None:
             state = "queued"
         elif run.finished_at is None:

@@ -1,4 +1,7 @@
-"""A backfill's batches: in each worker process, one loop per run, claim -> fetch -> write.
+"""Every thread a worker process runs beside its jobs, and the one reset and stop for them all:
+a run's batch loop (claim -> fetch -> write), the app lane's turn ahead, the recovery pass.
+
+A run's batches, in each worker process one loop per run:
 
 Every skill of a run keeps its own queued job (retried, counted and shown in Flower on its own),
 but the embedding is done here, a batch at a time, ahead of those jobs:
@@ -21,6 +24,12 @@ their retries, and the first job that gets through starts the loop again (tasks.
 A process that died while embedding items is remembered per item (tasks.crashes): such an item
 goes alone next time, and after EMBED_MAX_DELIVERIES deaths it is recorded failed instead of
 tried again.
+
+The app lane's turn (LaneAhead): after a job served companions (tasks.app_lane), a thread
+embeds the next app jobs waiting, writing each batch while the next is with the provider.
+The recovery pass: every RECOVERY_INTERVAL_SECONDS, a loop for each open run with a free item
+(its worker died, its jobs are lost), then what the runtime's hooks add (a switch's next turn).
+`reset()` after a fork (threads are not copied), `stop()` before exit: batches in flight finish.
 """
 
 from __future__ import annotations
@@ -31,16 +40,22 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from db import claims, runs
-from tasks.closing import RunCloser
-from tasks.embedding import Batch, Embedded, EmbedRequest, Result, fetch_vectors
-from tasks.errors import TransientError, WorkerDied, database_error, redis_error
-from tasks.progress import ProgressLog
-from tasks.retry import describe
+from db.sql import held, unscoped
+from tasks.app_lane import Together, fetch_together, waiting_companions, write_together
+from tasks.embedding import Batch, EmbedRequest, LiveTarget, Result, WriteTarget, fetch_vectors
+from tasks.progress import Closing, ProgressLog
+from tasks.retry import (
+    EmbedderError,
+    TransientError,
+    WorkerDied,
+    database_error,
+    describe,
+    redis_error,
+)
 from tasks.runtime import Runtime
-from tasks.staging import decide_for_run, write_for_run
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +96,26 @@ recorded_here = RecordedHere()
 
 
 class RunBatch:
-    """Claimed items of one run, their transaction (which holds the claims) and their results."""
+    """Claimed items of one run, their transaction (which holds the claims), where their vectors
+    go (the run's write target) and their results."""
 
-    def __init__(self, rt: Runtime, run_id: str, session: Session, work: Batch) -> None:
-        self.rt, self.run_id, self.session, self.work = rt, run_id, session, work
+    def __init__(
+        self, rt: Runtime, run_id: str, conn: Connection, target: WriteTarget, work: Batch
+    ) -> None:
+        self.rt, self.run_id, self.conn, self.target, self.work = rt, run_id, conn, target, work
         self.skill_ids = [request.skill_id for request in work.requests]
         self.reopened: list[str] = []  # items the run's close handed back to embed again
 
     def end(self) -> None:
         """Close the transaction (a rollback unless committed): the claims end with it."""
-        self.session.close()
+        self.conn.close()
+
+
+def write_target(rt: Runtime, conn: Connection, run_id: str) -> WriteTarget:
+    """Where the run's vectors go: the target its kind registered in the hooks, else live."""
+    run = runs.get_run(conn, run_id)
+    factory = rt.hooks.targets.get(run.kind) if run is not None else None
+    return LiveTarget(rt) if factory is None or run is None else factory(rt, conn, run)
 
 
 def claim(
@@ -98,33 +123,34 @@ def claim(
 ) -> RunBatch | None:
     """Lock the run's next pending items (`including` first) and decide what each needs."""
     size, most = rt.settings.embed_batch_size, rt.settings.embed_max_deliveries
-    session = rt.sessions()
+    conn = held(rt.engine)
     try:
-        rt.hold_claims(session)
-        claimed = claims.claim_items(session, run_id, size, including=including)
+        rt.hold_claims(conn)
+        claimed = claims.claim_items(conn, run_id, size, including=including)
         deaths = rt.crashes.deaths(run_id, [skill_id for skill_id, _ in claimed])
         suspect = next((s for s, n in deaths.items() if 0 < n < most), None)
         if suspect is not None and len(claimed) > 1:
             # A process died while embedding it (or is dying: its connection is gone, its count
             # not yet): alone, it cannot take neighbours down again. A job takes its own item.
             alone = including or suspect
-            session.rollback()
-            rt.hold_claims(session)
-            claimed = claims.claim_items(session, run_id, 1, including=alone)
+            conn.rollback()
+            rt.hold_claims(conn)
+            claimed = claims.claim_items(conn, run_id, 1, including=alone)
             deaths = {alone: deaths[alone]} if alone in deaths else {}
         if not claimed:
-            session.close()
+            conn.close()
             return None
         requests = [
             EmbedRequest(skill_id, tenant, force, listed=True) for skill_id, tenant in claimed
         ]
-        work = decide_for_run(rt, session, run_id, requests)  # a backfill's, or a switch's
+        target = write_target(rt, conn, run_id)
+        work = target.decide(conn, requests)
         for skill_id, count in deaths.items():
             if count >= most:
                 work.fail(skill_id, WorkerDied(count, work.name_of(skill_id)))
-        return RunBatch(rt, run_id, session, work)
+        return RunBatch(rt, run_id, conn, target, work)
     except Exception as exc:
-        session.close()
+        conn.close()
         logger.warning("Could not claim a batch of run %s: %s", run_id, _reason(exc))
         raise
 
@@ -151,18 +177,22 @@ def write(batch: RunBatch) -> list[Result]:
     Items that met a transient error get no outcome: the commit frees them for a later claim.
     """
     try:
-        results = write_for_run(batch.rt, batch.session, batch.work)
+        results = batch.target.write(batch.conn, batch.work)
         outcomes = [
-            (skill_id, _outcome(result), None if isinstance(result, Embedded) else describe(result))
+            (
+                skill_id,
+                _outcome(result),
+                describe(result) if isinstance(result, EmbedderError) else None,
+            )
             for skill_id, result in zip(batch.skill_ids, results, strict=True)
             if not isinstance(result, TransientError)
         ]
-        closer = RunCloser(batch.rt)
-        recorded = runs.record_outcomes(batch.session, batch.run_id, outcomes, closer)
-        batch.session.commit()
-        batch.reopened = closer.reopened
+        closing = Closing(batch.rt)
+        recorded = runs.record_outcomes(batch.conn, batch.run_id, outcomes, closing)
+        batch.conn.commit()
+        batch.reopened = closing.reopened
         # Reopened items are pending again: their jobs must not take the outcome handed back.
-        kept = set(recorded.skill_ids) - set(closer.reopened)
+        kept = set(recorded.skill_ids) - set(closing.reopened)
         recorded_here.add(batch.run_id, (o for o in outcomes if o[0] in kept))
     except Exception as exc:
         logger.warning(
@@ -178,7 +208,7 @@ def write(batch: RunBatch) -> list[Result]:
         batch.end()
     tenants = {r.skill_id: r.tenant_id or "" for r in batch.work.requests}
     ProgressLog(batch.rt).recorded(
-        recorded, dict(zip(batch.skill_ids, results, strict=True)), tenants
+        recorded, dict(zip(batch.skill_ids, results, strict=True)), tenants, closing
     )
     return results
 
@@ -189,7 +219,7 @@ def _handed_back(writing: Future[list[Result]] | None, batch: RunBatch) -> bool:
 
 
 def _outcome(result: Result) -> str:
-    return result.outcome.value if isinstance(result, Embedded) else runs.FAILED
+    return runs.FAILED if isinstance(result, EmbedderError) else result.outcome.value
 
 
 def _reason(exc: BaseException) -> str:
@@ -254,3 +284,141 @@ def run_batches(
                 ahead.end()  # claimed for a turn the loop will not take: its items go back
             if writing is not None:
                 writing.exception()  # wait for it; its failure is logged where it happened
+
+
+class RunLoops:
+    """This process's loops, at most one per run, started by jobs and by the recovery pass."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def ensure(self, run_id: str, *, force: bool) -> None:
+        with self._lock:
+            running = self._threads.get(run_id)
+            if self._stopping.is_set() or (running is not None and running.is_alive()):
+                return
+            thread = threading.Thread(
+                target=self._loop, args=(run_id, force), name=f"run-{run_id[:8]}", daemon=True
+            )
+            self._threads[run_id] = thread
+            thread.start()
+
+    def _loop(self, run_id: str, force: bool) -> None:
+        try:
+            run_batches(self._rt, run_id, force=force, keep_going=self.running)
+        except Exception as exc:
+            # Each stage logged its own failure in one line; the rest is a bug worth a traceback.
+            if database_error(exc) is None and redis_error(exc) is None:
+                logger.exception("The batch loop of run %s stopped", run_id)
+
+    def running(self) -> bool:
+        return not self._stopping.is_set()
+
+    def recover(self) -> None:
+        """Start a loop for every open run with a free item (its worker died, its jobs are lost)."""
+        with unscoped(self._rt.engine) as conn:
+            open_runs = claims.runs_with_free_items(conn)
+        for run_id, force in open_runs:
+            self.ensure(run_id, force=force)
+        for hook in self._rt.hooks.recovery:  # a switch's next tenant, say
+            hook(self._rt)
+
+    def recover_every(self, seconds: float) -> None:
+        """The recovery pass, now and every `seconds`, until `stop`; for a daemon thread."""
+        while not self._stopping.is_set():
+            try:
+                self.recover()
+            except Exception as exc:
+                logger.warning("Recovery pass failed: %s", describe(database_error(exc) or exc))
+            self._stopping.wait(seconds)
+
+    def stop(self) -> None:
+        """Claim nothing more (the process is going away); batches in flight finish."""
+        self._stopping.set()
+
+
+_loops: RunLoops | None = None
+_loops_lock = threading.Lock()
+
+
+def loops(rt: Runtime) -> RunLoops:
+    """This process's loops over `rt`, made on first use."""
+    global _loops
+    with _loops_lock:
+        if _loops is None or _loops._rt is not rt:
+            _loops = RunLoops(rt)
+        return _loops
+
+
+def reset() -> None:
+    """Forget the parent's loops after a fork: their threads were not copied."""
+    global _loops, _ahead
+    _loops = None
+    _ahead = None
+    recorded_here.clear()
+
+
+def stop() -> None:
+    """Before the process exits: batches in flight finish, no more are claimed."""
+    if _loops is not None:
+        _loops.stop()
+    if _ahead is not None:
+        _ahead.stop()
+
+
+class LaneAhead:
+    """This process's turn ahead of the app's jobs: after a job served a batch of a burst,
+    a thread embeds the next ones waiting (reserved, marked) while the served jobs confirm,
+    so the model's time overlaps theirs, as a backfill's batches overlap its jobs: while one
+    batch is with Ollama, the one before it is written."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def ensure(self) -> None:
+        with self._lock:
+            if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._thread = threading.Thread(target=self._drain, name="app-lane", daemon=True)
+            self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="app-lane-write") as writer:
+                writing: Future[Result | None] | None = None
+                try:
+                    while not self._stopping.is_set():
+                        together = Together(None, waiting_companions(self.rt, None))
+                        if not together.companions:
+                            return
+                        batch = fetch_together(self.rt, together)
+                        if writing is not None:
+                            writing.result()  # one batch written at a time, in order
+                        writing = writer.submit(write_together, self.rt, together, batch)
+                finally:
+                    if writing is not None:
+                        writing.result()
+        except Exception as exc:
+            # The jobs embed their own skills: nothing waits on this turn but a faster drain.
+            logger.warning("The app lane's turn stopped: %s", describe(database_error(exc) or exc))
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+_ahead: LaneAhead | None = None
+_ahead_lock = threading.Lock()
+
+
+def lane_ahead(rt: Runtime) -> LaneAhead:
+    global _ahead
+    with _ahead_lock:
+        if _ahead is None or _ahead.rt is not rt:
+            _ahead = LaneAhead(rt)
+        return _ahead

@@ -1,0 +1,95 @@
+"""The one way to the database: SQL text with `:name` parameters on a SQLAlchemy Connection.
+
+Every statement the worker runs is `conn.execute(text(SQL), {...})` on a Connection from one
+pooled Engine (psycopg 3 underneath). Core, not the ORM: the ORM's unit of work around a
+statement cost an idle worker's job more than the statement itself; Core's compiled-text cache
+costs a few tens of microseconds a statement over psycopg alone (bench.statements measures the
+three). Transactions that touch one tenant's rows are scoped to it (row level security):
+`tenant_scope`, or `scope_to_tenant` inside a transaction that serves several tenants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, text
+
+TENANT_SETTING = "app.current_tenant_id"
+_SCOPE = text("SELECT set_config(:setting, :tenant, true)")
+
+
+def make_engine(database_url: str, *, pool_size: int = 4) -> Engine:
+    """An engine for a psycopg 3 URL; a small pool: a worker process holds at most a job's
+    transaction and three batches' (tasks.loops)."""
+    return create_engine(
+        database_url,
+        pool_size=pool_size,
+        max_overflow=2,
+        pool_pre_ping=True,
+        # Fail fast when the database is unreachable rather than hanging a job.
+        connect_args={"connect_timeout": 5, "application_name": "everyskill-embedder"},
+    )
+
+
+def scope_to_tenant(conn: Connection, tenant_id: str) -> None:
+    """From here to the end of the transaction, row level security shows `tenant_id`'s rows."""
+    # set_config(..., true) is SET LOCAL with a bind parameter: it ends with the transaction,
+    # so a pooled connection never carries one tenant's id into another's work.
+    conn.execute(_SCOPE, {"setting": TENANT_SETTING, "tenant": tenant_id})
+
+
+@contextmanager
+def unscoped(engine: Engine) -> Iterator[Connection]:
+    """A transaction on tables without row level security (tenants, the worker's own), or one
+    that scopes itself per tenant as it goes; commits on exit."""
+    with engine.begin() as conn:
+        yield conn
+
+
+@contextmanager
+def tenant_scope(engine: Engine, tenant_id: str) -> Iterator[Connection]:
+    """A transaction in which row level security shows only `tenant_id`'s rows; commits on exit."""
+    with engine.begin() as conn:
+        scope_to_tenant(conn, tenant_id)
+        yield conn
+
+
+def held(engine: Engine) -> Connection:
+    """A connection whose transaction the caller ends (`commit()`, or `close()`: a rollback), for
+    a batch whose open transaction is its claim on its items."""
+    return engine.connect()
+
+
+_HOLD = text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)")
+
+
+def end_if_silent(conn: Connection, seconds: float) -> None:
+    """If the transaction's client stops answering (frozen, cut off) for `seconds`, PostgreSQL
+    ends the transaction, and the row locks it holds (a batch's claims)."""
+    conn.execute(_HOLD, {"ms": f"{int(seconds * 1000)}ms"})
+
+
+_COLUMN = text(
+    "SELECT atttypmod FROM pg_attribute WHERE attname = 'embedding'"
+    " AND attrelid = to_regclass('skill_embeddings')"
+)
+
+
+def column_dimensions(engine: Engine) -> int | None:
+    """The size of `skill_embeddings.embedding`, as the database declares it."""
+    with engine.connect() as conn:
+        value = conn.execute(_COLUMN).scalar()
+    return int(value) if value and value > 0 else None
+
+
+def ping(engine: Engine) -> None:
+    """One round trip: the database answers, as this role."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE, INSERT or DELETE touched."""
+    return int(result.rowcount) if isinstance(result, CursorResult) else 0
