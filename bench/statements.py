@@ -6,7 +6,8 @@ their vectors, in a transaction scoped to the tenant, three ways on the same poo
 psycopg alone (the statement as the driver takes it), SQLAlchemy Core (`text()` on a Connection:
 the worker's one way, db.sql), and SQLAlchemy's ORM (`Session.execute(text())`). Each figure is
 the median of `--rounds` calls, the transaction's begin and commit included; the limit beside
-the others is psycopg's own, from the same run.
+the others is psycopg's own, from the same run. `--pause 0.05` idles before each call, as a
+lone publish meets the database (every step after a pause runs slower on this machine).
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.statements", description=__doc__)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--skills", type=int, default=1000)
+    parser.add_argument(
+        "--pause", type=float, default=0.0, help="seconds idle before each call (a lone publish's)"
+    )
     args = parser.parse_args(argv)
-    results = Results("statements", rounds=args.rounds, skills=args.skills)
+    results = Results("statements", rounds=args.rounds, skills=args.skills, pause_s=args.pause)
     with stack(prefix="bench-statements-") as s:
         seed.add_tenants(s.engine, ollama_url="http://127.0.0.1:9")
         skills = seed.seed_catalog(s.engine, args.skills, drafts=False, current=True,
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 way()
         for _ in range(args.rounds):
             for name, way in ways.items():  # interleaved: a busy moment weighs on all three
+                if args.pause:
+                    time.sleep(args.pause)
                 started = time.perf_counter()
                 way()
                 timings[name].append(time.perf_counter() - started)

@@ -1,1 +1,2 @@
-"""The data: models of the app's tables and the worker's own, sessions, services, migrations."""
+"""The data: every statement the worker runs (db.sql says how), grouped by the tables it serves,
+the list of grants, and the Alembic migrations of the worker's own tables."""

@@ -340,21 +340,19 @@ def get_stored(conn: Connection, skill_id: str) -> StoredEmbedding | None:
     return StoredEmbedding(*row) if row is not None else None
 
 
-# Published skills of the tenant that need a vector: no row, a stale hash, another model or
-# size; all of them when forced.
-NEEDS_WORK_SQL = f"""
-    SELECT skills.id AS skill_id
+# Whether a published skill (`skills`, its row `e` LEFT JOINed) needs a vector: no row, a stale
+# hash, another model or size; all of them when forced.
+NEEDS_WORK = f"""(:force OR e.id IS NULL OR e.model_name <> :model OR e.dimensions <> :dimensions
+                  OR e.input_hash <> {input_hash_sql()})"""
+_PUBLISHED_WITH_ROWS = f"""
     FROM skills
     LEFT JOIN skill_embeddings e
         ON e.skill_id = skills.id AND e.tenant_id = skills.tenant_id
-    WHERE skills.tenant_id = :tenant_id
-      AND skills.status = '{PUBLISHED}'
-      AND (:force
-           OR e.id IS NULL
-           OR e.model_name <> :model
-           OR e.dimensions <> :dimensions
-           OR e.input_hash <> {input_hash_sql()})
+    WHERE skills.tenant_id = :tenant_id AND skills.status = '{PUBLISHED}'
 """
+# The tenant's published skills, each with whether it needs work: one pass over the catalog.
+PUBLISHED_SQL = f"SELECT skills.id AS skill_id, {NEEDS_WORK} AS needs_work {_PUBLISHED_WITH_ROWS}"
+NEEDS_WORK_SQL = f"SELECT skills.id AS skill_id {_PUBLISHED_WITH_ROWS} AND {NEEDS_WORK}"
 
 # A skill that is a pending item of an open run is that run's to embed.
 _NOT_IN_A_RUN = """

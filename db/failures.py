@@ -3,7 +3,7 @@
 A run's failures stay with the run (`embedding_run_items`: outcome, detail, finished_at, and
 the attempts made). A job outside any run has no such record, so `embedding_failures` keeps
 one row per skill whose last job failed, until the skill is embedded (the write that embeds
-it deletes the row: db.job_statements).
+it deletes the row: db.catalog.write_current).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Backfill runs in the database: counts survive any process, and each skill counts once."""
+"""Runs (backfills and a switch's staging) in the database: counts survive any process, and each
+skill counts once."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, text
 
-from db.catalog import NEEDS_WORK_SQL, PUBLISHED
+from db.catalog import PUBLISHED_SQL
 from db.sql import rowcount
 
 # How a job's outcome adds to the run's counters.
@@ -126,14 +127,14 @@ def add_tenant_items(
     row = conn.execute(
         text(
             f"""
-            WITH added AS (
+            WITH published AS MATERIALIZED ({PUBLISHED_SQL}),
+            added AS (
                 INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
                 SELECT :run_id, w.skill_id, :tenant_id, row_number() OVER (ORDER BY w.skill_id)
-                FROM ({NEEDS_WORK_SQL}) AS w
+                FROM published AS w WHERE w.needs_work
                 ON CONFLICT DO NOTHING
                 RETURNING 1)
-            SELECT (SELECT count(*) FROM skills
-                    WHERE tenant_id = :tenant_id AND status = '{PUBLISHED}') AS published,
+            SELECT (SELECT count(*) FROM published) AS published,
                    (SELECT count(*) FROM added) AS queued
             """
         ),

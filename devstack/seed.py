@@ -42,7 +42,7 @@ def _pick(words: list[str], step: int) -> str:
 
 # The skills' rows: the first :published of the series are published, the rest drafts; skill
 # i belongs to tenant i mod the tenants' count. `current` also writes each published skill a
-# current embedding (the input hash of tasks.text, a constant vector) in the same statement.
+# current embedding (the input hash of db.catalog, a constant vector) in the same statement.
 _SKILLS = f"""
     INSERT INTO skills (id, tenant_id, name, description, status, visibility)
     SELECT gen_random_uuid()::text,

@@ -9,8 +9,9 @@ EMBED_BATCH_SIZE - 1 of them for a short while, and embeds them with its own. Ea
 whose vector was written is marked "embedded"; when its own job comes, it takes the mark and
 reports `embedded` without another look at the database (the job ahead read the skill after
 this job was queued), with its own result and Flower entry. Nothing waits for a batch to fill:
-a lone publish goes at once. Every skill sent is counted while Ollama has it (tasks.crashes),
-so a skill that kills the process is sent alone from then on, and capped, as a lone job's is.
+a lone publish goes at once. Every skill sent is counted while Ollama has it
+(tasks.runtime.CrashCounts), so a skill that kills the process is sent alone from then on, and
+capped, as a lone job's is.
 A job's own skill is counted from its first look, where it takes its reservation, until the
 reservation goes after the write: a lone publish counts and uncounts without round trips of
 its own.
@@ -125,7 +126,7 @@ class Together:
 
     request: EmbedRequest | None
     companions: list[Waiting]
-    # The job's first look reserved `request`'s skill and counted it (tasks.crashes).
+    # The job's first look reserved `request`'s skill and counted it (tasks.runtime.CrashCounts).
     own: bool = False
 
     @property
@@ -159,8 +160,8 @@ class Together:
 
 def fetch_together(rt: Runtime, together: Together) -> Batch:
     """Load and decide, then ask Ollama for the vectors; the skills sent are counted while
-    Ollama has them (tasks.crashes), so a process that dies there names them. If this fails,
-    the reservations are freed: nothing will be written."""
+    Ollama has them (tasks.runtime.CrashCounts), so a process that dies there names them. If
+    this fails, the reservations are freed: nothing will be written."""
     try:
         with unscoped(rt.engine) as conn:
             batch = load_and_decide(rt, conn, together.requests)
@@ -202,8 +203,8 @@ def write_together(rt: Runtime, together: Together, batch: Batch) -> Result | No
 
 # A job's first look, in one round trip: its mark (a job ahead embedded its skill), else its
 # skill's deaths, else a reservation of its skill (only for a skill it will send), which
-# counts the skill from here (tasks.crashes: Together.release ends it); and whether any app
-# job waits in the lanes (KEYS[4..]): a lone publish need not peek at them.
+# counts the skill from here (tasks.runtime.CrashCounts: Together.release ends it); and whether
+# any app job waits in the lanes (KEYS[4..]): a lone publish need not peek at them.
 _START = f"""
 local name = redis.call('GETDEL', KEYS[1])
 if name then return {{'marked', name, 0}} end

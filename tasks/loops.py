@@ -19,11 +19,11 @@ but the embedding is done here, a batch at a time, ahead of those jobs:
 While one batch is with Ollama, the next is claimed and the last is written. The loop stops
 when no item is free, when the process shuts down, or after a batch meets a transient error
 (Ollama or the database down): from then on the items' own jobs claim them, at the pace of
-their retries, and the first job that gets through starts the loop again (tasks.run_loops).
+their retries, and the first job that gets through starts the loop again (RunLoops, below).
 
-A process that died while embedding items is remembered per item (tasks.crashes): such an item
-goes alone next time, and after EMBED_MAX_DELIVERIES deaths it is recorded failed instead of
-tried again.
+A process that died while embedding items is remembered per item (tasks.runtime.CrashCounts):
+such an item goes alone next time, and after EMBED_MAX_DELIVERIES deaths it is recorded failed
+instead of tried again.
 
 The app lane's turn (LaneAhead): after a job served companions (tasks.app_lane), a thread
 embeds the next app jobs waiting, writing each batch while the next is with the provider.
@@ -159,7 +159,7 @@ def fetch(batch: RunBatch) -> bool:
     """Ask Ollama for the batch's vectors; False when an item met a transient error.
 
     Its items are counted while they are with Ollama: if this process dies meanwhile, the count
-    stays and names them (tasks.crashes), and not the batches claimed or being written.
+    stays and names them (tasks.runtime.CrashCounts), and not the batches claimed or being written.
     """
     sent = [item.request.skill_id for item in batch.work.pending]
     try:

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from celery import current_task
-
 from tasks import EMBED_SKILL
 
 if TYPE_CHECKING:
@@ -34,6 +32,9 @@ def job_fields() -> dict[str, str]:
     Empty outside a job: Celery keeps its current task per thread, so a batch thread's lines
     name their ids with `extra=` instead.
     """
+    # Celery's own, imported here: `python -m worker status` reads no job and loads no Celery.
+    from celery import current_task
+
     task = current_task
     request = getattr(task, "request", None) if task else None
     task_id = getattr(request, "id", None)

@@ -29,9 +29,7 @@ import redis
 from sqlalchemy import Engine
 
 from db.sql import column_dimensions, end_if_silent, make_engine
-from tasks.ollama import OllamaClients
 from tasks.provider import Providers
-from tasks.slots import OllamaSlots
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -202,6 +200,11 @@ class Runtime:
 
     @cached_property
     def providers(self) -> Providers:
+        # Imported on first use: a command that only reads the database (`status`) loads no
+        # HTTP client.
+        from tasks.ollama import OllamaClients
+        from tasks.slots import OllamaSlots
+
         slots = OllamaSlots(
             self.redis,
             limit=self.settings.ollama_max_concurrency,

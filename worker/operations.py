@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -18,6 +17,9 @@ from tasks import refusals
 from tasks.embedding import tenant_config
 from tasks.progress import left_catalog, summary
 from tasks.runtime import Runtime
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 @dataclass(frozen=True, slots=True)
