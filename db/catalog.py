@@ -354,6 +354,31 @@ _PUBLISHED_WITH_ROWS = f"""
 PUBLISHED_SQL = f"SELECT skills.id AS skill_id, {NEEDS_WORK} AS needs_work {_PUBLISHED_WITH_ROWS}"
 NEEDS_WORK_SQL = f"SELECT skills.id AS skill_id {_PUBLISHED_WITH_ROWS} AND {NEEDS_WORK}"
 
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    published: int
+    needing: list[str]  # the published skills that need work, by id
+
+
+_SURVEY = text(
+    f"""
+    SELECT count(*) AS published,
+           coalesce(array_agg(p.skill_id ORDER BY p.skill_id) FILTER (WHERE p.needs_work), '{{}}')
+               AS needing
+    FROM ({PUBLISHED_SQL}) AS p
+    """
+)
+
+
+def survey(conn: Connection, tenant_id: str, *, model: str, dimensions: int, force: bool) -> Survey:
+    """The tenant's published skills, counted, and those that need work, in one pass."""
+    row = conn.execute(
+        _SURVEY, {"tenant_id": tenant_id, "model": model, "dimensions": dimensions, "force": force}
+    ).one()
+    return Survey(int(row.published), [str(skill_id) for skill_id in row.needing])
+
+
 # A skill that is a pending item of an open run is that run's to embed.
 _NOT_IN_A_RUN = """
       AND NOT EXISTS (

@@ -10,7 +10,6 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, text
 
-from db.catalog import PUBLISHED_SQL
 from db.sql import rowcount
 
 # How a job's outcome adds to the run's counters.
@@ -115,38 +114,25 @@ def pending_count(conn: Connection, run_id: str) -> int:
 
 
 def add_tenant_items(
-    conn: Connection, run_id: str, tenant_id: str, *, model: str, dimensions: int, force: bool
-) -> tuple[int, int]:
-    """Record the tenant's published skills that need work as run items; (published, queued).
+    conn: Connection, run_id: str, tenant_id: str, published: int, skill_ids: Sequence[str]
+) -> None:
+    """Record the tenant's skills that need work (`skill_ids`, of its `published`) as run items.
 
     Skills already current get no item: the run counts them (`unchanged`) and names the tenant,
     and its close counts the tenant's current skills from the catalog (db.run_close), so a run
-    over a catalog that changed little writes little. Runs in the tenant's scope: the selection
-    happens in SQL, nothing is held in memory.
+    over a catalog that changed little writes little.
     """
-    row = conn.execute(
+    conn.execute(
         text(
-            f"""
-            WITH published AS MATERIALIZED ({PUBLISHED_SQL}),
-            added AS (
-                INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
-                SELECT :run_id, w.skill_id, :tenant_id, row_number() OVER (ORDER BY w.skill_id)
-                FROM published AS w WHERE w.needs_work
-                ON CONFLICT DO NOTHING
-                RETURNING 1)
-            SELECT (SELECT count(*) FROM published) AS published,
-                   (SELECT count(*) FROM added) AS queued
+            """
+            INSERT INTO embedding_run_items (run_id, skill_id, tenant_id, position)
+            SELECT :run_id, s.skill_id, :tenant_id, s.position
+            FROM unnest(CAST(:ids AS text[])) WITH ORDINALITY AS s(skill_id, position)
+            ON CONFLICT DO NOTHING
             """
         ),
-        {
-            "run_id": run_id,
-            "tenant_id": tenant_id,
-            "model": model,
-            "dimensions": dimensions,
-            "force": force,
-        },
-    ).one()
-    published, queued = int(row.published), int(row.queued)
+        {"run_id": run_id, "tenant_id": tenant_id, "ids": list(skill_ids)},
+    )
     conn.execute(
         text(
             "UPDATE embedding_runs SET total = total + :published,"
@@ -154,9 +140,9 @@ def add_tenant_items(
             " tenants = array_append(coalesce(tenants, '{}'), CAST(:tenant AS text))"
             " WHERE id = :id"
         ),
-        {"published": published, "current": published - queued, "tenant": tenant_id, "id": run_id},
-    )
-    return published, queued
+        {"published": published, "current": published - len(skill_ids), "tenant": tenant_id,
+         "id": run_id},
+    )  # fmt: skip
 
 
 def prune_finished(conn: Connection, keep_seconds: float) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from kombu import Producer
 from sqlalchemy import Connection
 
 from db import catalog, run_close, run_starts, runs
-from db.sql import scope_to_tenant, tenant_scope, unscoped
+from db.sql import per_tenant, scope_to_tenant, tenant_scope, unscoped
 from tasks import BULK
 from tasks.embedding import check_tenant_dimensions, tenant_config
 from tasks.progress import Closing, ProgressLog
@@ -85,6 +85,21 @@ def preflight(rt: Runtime, tenants: list[str]) -> None:
             raise OllamaNotReady(f"Backfill refused: {exc}") from None
 
 
+def survey_tenants(
+    rt: Runtime, tenants: Sequence[str], *, force: bool
+) -> dict[str, catalog.Survey]:
+    """Each tenant's published skills and those that need work, one pass over its catalog. A
+    skill edited after its tenant's pass has its own job, and the run's close counts the
+    catalog again at its end."""
+
+    def count(conn: Connection, tenant: str) -> catalog.Survey:
+        config = tenant_config(rt, conn, tenant)
+        return catalog.survey(conn, tenant, model=config.model, dimensions=config.dimensions,
+                              force=force)  # fmt: skip
+
+    return per_tenant(rt.engine, tenants, count)
+
+
 def ensure_default_tenant_enabled(rt: Runtime) -> None:
     """The seed plan's step: the default tenant has a settings row with semantic search on."""
     tenant = rt.settings.default_tenant_id
@@ -131,6 +146,7 @@ def start_backfill(
         ensure_default_tenant_enabled(rt)
     tenants = _enabled_tenants(rt, tenant_id)
     preflight(rt, tenants)
+    survey = survey_tenants(rt, tenants, force=force)
     published = queued = 0
     closed: runs.RunState | None = None
     # The run and all its items in one transaction: a worker killed while fanning out leaves
@@ -144,22 +160,13 @@ def start_backfill(
             return _join(open_run, run_id, tenant_id, force, len(tenants))
         if runs.create_run(conn, run_id, tenant_id, force):
             for tenant in tenants:
-                scope_to_tenant(conn, tenant)
-                config = tenant_config(rt, conn, tenant)
-                counts = runs.add_tenant_items(
-                    conn,
-                    run_id,
-                    tenant,
-                    model=config.model,
-                    dimensions=config.dimensions,
-                    force=force,
-                )
-                published += counts[0]
-                queued += counts[1]
+                counted = survey[tenant]
+                runs.add_tenant_items(conn, run_id, tenant, counted.published, counted.needing)
+                published += counted.published
+                queued += len(counted.needing)
             if not queued:
-                # Nothing to send: the counts just taken are the catalog at the run's end (this
-                # transaction's snapshot), so it closes here, without a second pass over the
-                # tenants' catalogs.
+                # Nothing to send: the counts just taken are the catalog at the run's end, so it
+                # closes here, without a second pass over the tenants' catalogs.
                 closed = runs.mark_fanned_out(conn, run_id)
         else:
             run = runs.get_run(conn, run_id)
@@ -315,10 +322,7 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
             "run" if pruned == 1 else "runs",
             rt.settings.run_retention_days,
         )
-    removed = 0
-    for tenant in tenants:
-        with tenant_scope(rt.engine, tenant) as conn:
-            removed += catalog.remove_unpublished_embeddings(conn, tenant)
+    removed = sum(per_tenant(rt.engine, tenants, catalog.remove_unpublished_embeddings).values())
     if bulk_waiting:
         logger.info("Reconcile: bulk jobs still queued or retrying, re-queuing nothing")
         return {"removed": removed, "requeued": 0, "queued": 0}
@@ -334,24 +338,19 @@ def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> 
                 finished = runs.mark_fanned_out(conn, run.id, closing)
             if finished is not None:
                 ProgressLog(rt).closed(finished, closing)
+
+    def stale(conn: Connection, tenant: str) -> list[str]:
+        config = tenant_config(rt, conn, tenant)
+        return list(catalog.skills_needing_embedding(conn, tenant, model=config.model,
+                                                     dimensions=config.dimensions))  # fmt: skip
+
     queued = 0
-    for tenant in _enabled_tenants(rt, None):
-        with tenant_scope(rt.engine, tenant) as conn:
-            config = tenant_config(rt, conn, tenant)
-            needing = catalog.skills_needing_embedding(
-                conn,
-                tenant,
-                model=config.model,
-                dimensions=config.dimensions,
-            )
-            with publishing(task) as producer:
-                for skill_id in needing:
-                    task.apply_async(
-                        kwargs={"skill_id": skill_id, "tenant_id": tenant},
-                        queue=BULK,
-                        producer=producer,
-                    )
-                    queued += 1
+    for tenant, needing in per_tenant(rt.engine, _enabled_tenants(rt, None), stale).items():
+        with publishing(task) as producer:
+            for skill_id in needing:
+                task.apply_async(kwargs={"skill_id": skill_id, "tenant_id": tenant},
+                                 queue=BULK, producer=producer)  # fmt: skip
+                queued += 1
     if removed or requeued or queued:
         logger.info(
             "Reconcile: removed %d rows of unpublished skills, re-queued %d run jobs,"

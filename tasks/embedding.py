@@ -23,13 +23,15 @@ from sqlalchemy import Connection
 from db import catalog
 from db.catalog import PUBLISHED, SettingsRecord, input_hash, skill_text
 from db.sql import scope_to_tenant, tenant_scope, unscoped
-from tasks.provider import check_dimensions, column_target, embed_isolating
+from tasks.provider import Answer, check_dimensions, column_target, embed_isolating
 from tasks.retry import (
     EmbedderError,
     ModelSwitched,
+    OllamaRejected,
     PermanentError,
     SkillNotFound,
     TenantMismatch,
+    TransientError,
 )
 from tasks.runtime import Runtime
 
@@ -232,19 +234,70 @@ def load_and_decide(runtime: Runtime, conn: Connection, requests: Sequence[Embed
 
 
 def fetch_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> None:
-    """Ask Ollama for the vectors the batch needs: one call per (server, model, size)."""
+    """Ask the providers for the vectors the batch needs: one call per (server, model, size)."""
+    take_vectors(runtime, batch, send_vectors(runtime, batch, urgent=urgent))
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A batch's requests, answered and not yet parsed: per group of its pending items (their
+    positions, server, model and size), the answer, or the error the exchange met."""
+
+    groups: list[tuple[list[int], str, str, int, Answer | EmbedderError]]
+    urgent: bool
+
+    @property
+    def transient(self) -> TransientError | None:
+        """The first transient error an exchange met (the server down or busy), if any."""
+        return next((a for *_, a in self.groups if isinstance(a, TransientError)), None)
+
+
+def send_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> Sent:
+    """The batch's requests, each answered and read, not parsed: a pipeline sends the next
+    batch's request as soon as these are answered, and parses them while the model computes."""
     groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
     for position, item in enumerate(batch.pending):
         groups[(item.config.ollama_url, item.config.model, item.config.dimensions)].append(position)
+    sent = []
     for (url, model, dimensions), positions in groups.items():
-        provider = runtime.providers.for_url(url)
         texts = [batch.pending[p].text for p in positions]
-        answers = embed_isolating(provider, texts, model, dimensions, urgent=urgent)
-        for position, answer in zip(positions, answers, strict=True):
-            if isinstance(answer, EmbedderError):
-                batch.results[batch.pending[position].index] = answer
+        answer: Answer | EmbedderError
+        try:
+            answer = runtime.providers.for_url(url).send(
+                texts, model=model, dimensions=dimensions, urgent=urgent
+            )
+        except EmbedderError as exc:
+            answer = exc
+        sent.append((positions, url, model, dimensions, answer))
+    return Sent(sent, urgent)
+
+
+def take_vectors(runtime: Runtime, batch: Batch, sent: Sent) -> None:
+    """Parse the answers into the batch: each item its vector, or its error. A request the
+    provider refused (a 400) is halved until the input it refused is alone."""
+    for positions, url, model, dimensions, answer in sent.groups:
+        answers: list[list[float] | EmbedderError]
+        if isinstance(answer, OllamaRejected) and len(positions) > 1:
+            # The whole request was refused: its halves go again, until the input is alone.
+            texts = [batch.pending[p].text for p in positions]
+            provider = runtime.providers.for_url(url)
+            middle = len(texts) // 2
+            answers = [
+                *embed_isolating(provider, texts[:middle], model, dimensions, urgent=sent.urgent),
+                *embed_isolating(provider, texts[middle:], model, dimensions, urgent=sent.urgent),
+            ]
+        elif isinstance(answer, EmbedderError):
+            answers = [answer] * len(positions)
+        else:
+            try:
+                answers = list(answer.vectors())
+            except EmbedderError as exc:  # the same for every input of the request
+                answers = [exc] * len(positions)
+        for position, vector in zip(positions, answers, strict=True):
+            if isinstance(vector, EmbedderError):
+                batch.results[batch.pending[position].index] = vector
             else:
-                batch.vectors[position] = answer
+                batch.vectors[position] = vector
 
 
 def vectors_by_tenant(batch: Batch) -> dict[str, list[tuple[Pending, list[float]]]]:

@@ -45,7 +45,16 @@ from sqlalchemy import Connection
 from db import claims, runs
 from db.sql import held, unscoped
 from tasks.app_lane import Together, fetch_together, waiting_companions, write_together
-from tasks.embedding import Batch, EmbedRequest, LiveTarget, Result, WriteTarget, fetch_vectors
+from tasks.embedding import (
+    Batch,
+    EmbedRequest,
+    LiveTarget,
+    Result,
+    Sent,
+    WriteTarget,
+    send_vectors,
+    take_vectors,
+)
 from tasks.progress import Closing, ProgressLog
 from tasks.retry import (
     EmbedderError,
@@ -105,10 +114,19 @@ class RunBatch:
         self.rt, self.run_id, self.conn, self.target, self.work = rt, run_id, conn, target, work
         self.skill_ids = [request.skill_id for request in work.requests]
         self.reopened: list[str] = []  # items the run's close handed back to embed again
+        self.sent: Sent | None = None  # its requests, answered, not yet parsed
+        self.counted: list[str] = []  # its items counted in flight (tasks.runtime.CrashCounts)
 
     def end(self) -> None:
-        """Close the transaction (a rollback unless committed): the claims end with it."""
+        """Close the transaction (a rollback unless committed): the claims end with it; and
+        take back the items' count in flight, if their answers were never parsed."""
+        self.uncount()
         self.conn.close()
+
+    def uncount(self) -> None:
+        counted, self.counted = self.counted, []
+        if counted:
+            self.rt.crashes.end_quietly(self.run_id, counted)
 
 
 def write_target(rt: Runtime, conn: Connection, run_id: str) -> WriteTarget:
@@ -156,19 +174,31 @@ def claim(
 
 
 def fetch(batch: RunBatch) -> bool:
-    """Ask Ollama for the batch's vectors; False when an item met a transient error.
+    """Send the batch's requests and read their answers, unparsed (the write parses them, while
+    the model computes the next batch); False when an exchange met a transient error.
 
-    Its items are counted while they are with Ollama: if this process dies meanwhile, the count
-    stays and names them (tasks.runtime.CrashCounts), and not the batches claimed or being written.
+    Its items are counted from here until their answer is parsed: if this process dies
+    meanwhile, the count stays and names them (tasks.runtime.CrashCounts), and not the batches
+    claimed or being written.
     """
-    sent = [item.request.skill_id for item in batch.work.pending]
+    rt = batch.rt
+    batch.counted = [item.request.skill_id for item in batch.work.pending]
+    rt.crashes.begin_quietly(batch.run_id, batch.counted)
     try:
-        with batch.rt.crashes.embedding(batch.run_id, sent):
-            fetch_vectors(batch.rt, batch.work, urgent=False)
+        batch.sent = send_vectors(rt, batch.work, urgent=False)
     except BaseException:
         batch.end()
         raise
-    return not any(isinstance(r, TransientError) for r in batch.work.results)
+    return batch.sent.transient is None
+
+
+def _take(batch: RunBatch) -> None:
+    """Parse the batch's answers into it, then take back its count (it outlived its answer)."""
+    try:
+        if batch.sent is not None:
+            take_vectors(batch.rt, batch.work, batch.sent)
+    finally:
+        batch.uncount()
 
 
 def write(batch: RunBatch) -> list[Result]:
@@ -177,6 +207,7 @@ def write(batch: RunBatch) -> list[Result]:
     Items that met a transient error get no outcome: the commit frees them for a later claim.
     """
     try:
+        _take(batch)
         results = batch.target.write(batch.conn, batch.work)
         outcomes = [
             (
@@ -211,6 +242,15 @@ def write(batch: RunBatch) -> list[Result]:
         recorded, dict(zip(batch.skill_ids, results, strict=True)), tenants, closing
     )
     return results
+
+
+def _transient(results: list[Result]) -> TransientError | None:
+    return next((r for r in results if isinstance(r, TransientError)), None)
+
+
+def _paused(run_id: str, error: TransientError | None) -> None:
+    reason = describe(error) if error is not None else "a transient error"
+    logger.warning("Batches of run %s paused: %s", run_id, reason, extra={"run_id": run_id})
 
 
 def _handed_back(writing: Future[list[Result]] | None, batch: RunBatch) -> bool:
@@ -265,19 +305,19 @@ def run_batches(
                 went_through = fetch(batch)
                 if writing is not None:
                     try:
-                        writing.result()  # the previous batch, written while this one was fetched
+                        # The previous batch, parsed and written while this one was with the model.
+                        unreadable = _transient(writing.result())
                     except BaseException:
                         batch.end()  # the database is failing: hand this batch's items back
                         raise
+                    if unreadable is not None:  # its answers could not be read: pause, as below
+                        batch.end()
+                        _paused(run_id, unreadable)
+                        break
                 writing, written = writer.submit(write, batch), batch
                 if not went_through:
-                    # Ollama is failing: jobs retry, and the first one through restarts us.
-                    reason = next(
-                        (describe(r) for r in batch.work.results if isinstance(r, TransientError)),
-                        "a transient error",
-                    )
-                    logger.warning("Batches of run %s paused: %s", run_id, reason,
-                                   extra={"run_id": run_id})  # fmt: skip
+                    # The provider is failing: jobs retry, and the first one through restarts us.
+                    _paused(run_id, batch.sent.transient if batch.sent else None)
                     break
         finally:
             if claiming.exception() is None and (ahead := claiming.result()) is not None:

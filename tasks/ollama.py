@@ -9,6 +9,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -152,25 +153,19 @@ class OllamaClient:
 
         `urgent=False` (a batch claimed ahead) lets an urgent call waiting for Ollama go first.
         """
+        return self.send(texts, model=model, dimensions=dimensions, urgent=urgent).vectors()
+
+    def send(
+        self, texts: Sequence[str], *, model: str, dimensions: int, urgent: bool = True
+    ) -> OllamaAnswer:
+        """The request, answered and read, its status checked; its body not yet parsed, so the
+        caller can send the next request first and parse this one while Ollama computes."""
         if not texts:
-            return []
+            return OllamaAnswer(self.base_url, None, 0, dimensions)
         payload = {"model": model, "input": list(texts)}
         response = self._post("/api/embed", payload, urgent=urgent)
         self._raise_for_status(response, model)
-        try:
-            # orjson: a batch's answer is ~0.5 MB of floats, four times faster to parse than
-            # with the json module, in a process whose other threads need the GIL meanwhile.
-            body = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            try:  # the json module reads the NaN token a broken model emits, to say so
-                body = json.loads(response.content)
-            except ValueError:
-                kind = response.headers.get("content-type", "no content type")
-                raise MalformedAnswer(
-                    f"{self.base_url}/api/embed answered 200 with {kind}, not JSON"
-                    f" ({' '.join(response.text[:80].split())!r}): a proxy in front of Ollama?"
-                ) from None
-        return validate_embeddings(body, expected=len(texts), dimensions=dimensions)
+        return OllamaAnswer(self.base_url, response, len(texts), dimensions)
 
     def _raise_for_status(self, response: httpx.Response, model: str) -> None:
         status = response.status_code
@@ -236,6 +231,35 @@ class OllamaClient:
         """Up (`/api/version`) and `model` pulled (`/api/show`): what the server says of it."""
         self.version()
         return self.show(model)
+
+
+@dataclass(frozen=True, slots=True)
+class OllamaAnswer:
+    """An `/api/embed` answer, read: its vectors parsed and checked on demand."""
+
+    base_url: str
+    response: httpx.Response | None  # None: no input, no request
+    expected: int
+    dimensions: int
+
+    def vectors(self) -> list[list[float]]:
+        response = self.response
+        if response is None:
+            return []
+        try:
+            # orjson: a batch's answer is ~0.5 MB of floats, four times faster to parse than
+            # with the json module, in a process whose other threads need the GIL meanwhile.
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            try:  # the json module reads the NaN token a broken model emits, to say so
+                body = json.loads(response.content)
+            except ValueError:
+                kind = response.headers.get("content-type", "no content type")
+                raise MalformedAnswer(
+                    f"{self.base_url}/api/embed answered 200 with {kind}, not JSON"
+                    f" ({' '.join(response.text[:80].split())!r}): a proxy in front of Ollama?"
+                ) from None
+        return validate_embeddings(body, expected=self.expected, dimensions=self.dimensions)
 
 
 def _int_or_none(value: object) -> int | None:

@@ -24,6 +24,14 @@ class ModelInfo:
     can_embed: bool
 
 
+class Answer(Protocol):
+    """A provider's answer to one request, not yet parsed."""
+
+    def vectors(self) -> list[list[float]]:
+        """One vector per text sent, checked (errors of the answer's content raised here)."""
+        ...
+
+
 class EmbeddingProvider(Protocol):
     """One server that embeds (an Ollama, in this worker)."""
 
@@ -37,6 +45,13 @@ class EmbeddingProvider(Protocol):
 
         `urgent=False` (a batch claimed ahead) lets an urgent call (an app job) go first.
         Raises the error tree of tasks.retry: transient (try later) or permanent."""
+        ...
+
+    def send(
+        self, texts: Sequence[str], *, model: str, dimensions: int, urgent: bool = True
+    ) -> Answer:
+        """`embed` in two steps: the request, answered (errors of the exchange raised here),
+        and its vectors parsed when asked, so a pipeline sends its next request first."""
         ...
 
     def describe(self, model: str) -> ModelInfo:

@@ -136,6 +136,21 @@ class CrashCounts:
         if pipe is None:
             queue.execute()
 
+    def begin_quietly(self, run_id: str | None, skill_ids: Sequence[str]) -> None:
+        """`begin`, or, with Redis away, one line per outage: the items go uncounted."""
+        try:
+            self.begin(run_id, skill_ids)
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+
+    def end_quietly(self, run_id: str | None, skill_ids: Sequence[str]) -> None:
+        """`end` of a batch that lived (its deaths stay); with Redis away the count stays, and
+        a later claim sends these items alone, as after a death."""
+        try:
+            self.end(run_id, skill_ids, done=False)
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+
     @contextmanager
     def embedding(
         self, run_id: str | None, skill_ids: Sequence[str], *, clear_on_success: bool = False

@@ -16,7 +16,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from db import migrate, runs
+from db import catalog, migrate, runs
 from db.sql import make_engine, scope_to_tenant
 from devstack.fake_ollama import FakeOllama
 from devstack.postgres import LocalPostgres
@@ -152,9 +152,9 @@ def pending_run(db: Database, engine: sa.Engine) -> str:
     with engine.begin() as conn:
         runs.create_run(conn, run_id, None, False)
         scope_to_tenant(conn, TENANT_A)
-        runs.add_tenant_items(
-            conn, run_id, TENANT_A, model="nomic-embed-text", dimensions=768, force=False
-        )
+        counted = catalog.survey(conn, TENANT_A, model="nomic-embed-text", dimensions=768,
+                                 force=False)  # fmt: skip
+        runs.add_tenant_items(conn, run_id, TENANT_A, counted.published, counted.needing)
     return run_id
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from db import catalog, failures, runs
-from db.sql import tenant_scope, unscoped
+from db.sql import per_tenant, unscoped
 from tasks import refusals
 from tasks.embedding import tenant_config
 from tasks.progress import left_catalog, summary
@@ -20,6 +19,7 @@ from tasks.runtime import Runtime
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy import Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,27 +29,17 @@ class TenantCoverage:
     model: str
 
 
-# Tenants counted at once: each count hashes the tenant's published texts in PostgreSQL, and
-# row level security keeps it to one tenant a transaction, so a large catalog of many tenants
-# is counted on several of the server's cores instead of one after the other.
-COVERAGE_CONNECTIONS = 4
-
-
 def coverage_report(rt: Runtime) -> list[TenantCoverage]:
     with unscoped(rt.engine) as conn:
         tenants = catalog.list_active_tenants(conn)
 
-    def count(tenant: str) -> TenantCoverage:
-        with tenant_scope(rt.engine, tenant) as conn:
-            config = tenant_config(rt, conn, tenant)
-            dimensions = config.dimensions or rt.settings.embedding_dimensions
-            cover = catalog.coverage(conn, tenant, model=config.model, dimensions=dimensions)
+    def count(conn: Connection, tenant: str) -> TenantCoverage:
+        config = tenant_config(rt, conn, tenant)
+        dimensions = config.dimensions or rt.settings.embedding_dimensions
+        cover = catalog.coverage(conn, tenant, model=config.model, dimensions=dimensions)
         return TenantCoverage(cover, config.enabled, config.model)
 
-    if len(tenants) < 2:
-        return [count(tenant) for tenant in tenants]
-    with ThreadPoolExecutor(min(COVERAGE_CONNECTIONS, len(tenants))) as pool:
-        return list(pool.map(count, tenants))
+    return list(per_tenant(rt.engine, tenants, count).values())
 
 
 def coverage_table(report: list[TenantCoverage]) -> Table:
