@@ -7,6 +7,11 @@ margin), so a process that dies holding one frees it by itself.
 
 A caller marked urgent (a job from the app) registers while it waits; callers that are not
 urgent (backfill batches) take no slot while an urgent one waits for the same URL.
+
+A waiter blocks in Redis (BLPOP) until a holder lets go: each release pushes one wake-up, to the
+urgent waiters' list while one waits, else to everyone's, so a freed slot is taken at once
+instead of at the next poll. A holder that died sends none; its lease runs out instead, and the
+waiters look again every `RECHECK_SECONDS`.
 """
 
 from __future__ import annotations
@@ -23,9 +28,24 @@ from redis.lock import Lock
 
 from tasks.retry import OllamaUnavailable
 
-# Between two tries for a busy slot: short against a batch's ~150 ms, long enough that a few
-# waiters do not load Redis.
-POLL_SECONDS = 0.004
+# The longest a waiter blocks without a wake-up: how soon a slot whose holder died (its lease
+# run out) or a wake-up taken by a waiter that then left is noticed; a release itself wakes a
+# waiter at once.
+RECHECK_SECONDS = 0.1
+
+# Lets go of a slot held under ARGV[1] and, in the same step, wakes one waiter: an urgent one
+# while any is registered (its entries scored by when they stop counting), else anyone. The
+# wake-up lists hold at most one entry per slot and expire with a lease.
+_RELEASE = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('del', KEYS[1])
+local wake = KEYS[4]
+if redis.call('zcount', KEYS[2], ARGV[2], '+inf') > 0 then wake = KEYS[3] end
+redis.call('lpush', wake, 1)
+redis.call('ltrim', wake, 0, tonumber(ARGV[3]) - 1)
+redis.call('pexpire', wake, ARGV[4])
+return 1
+"""
 
 
 class OllamaSlots:
@@ -49,8 +69,14 @@ class OllamaSlots:
         # back, before this process asks for another. Redis keeps a lock through its own
         # restart, so left alone each would stay taken to the end of its lease (a request
         # timeout and more), and every worker would wait that out after a short outage.
-        self._unreleased: list[tuple[Lock, str]] = []
+        self._unreleased: list[tuple[str, Lock, str]] = []
         self._unreleased_lock = threading.Lock()
+        self._release_script = client.register_script(_RELEASE)
+
+    def _keys(self, url: str) -> tuple[str, str, str]:
+        """The URL's urgent waiters (a sorted set), and its two wake-up lists (urgent, all)."""
+        base = f"{self._prefix}:{url}"
+        return f"{base}:urgent", f"{base}:freed:urgent", f"{base}:freed"
 
     def _locks(self, url: str) -> list[Lock]:
         return [
@@ -71,33 +97,36 @@ class OllamaSlots:
         try:
             yield
         finally:
-            self._release(lock)
+            self._release(url, lock)
 
-    def _release(self, lock: Lock, token: str | None = None) -> None:
+    def _release(self, url: str, lock: Lock, token: str | None = None) -> None:
         # By its token, not lock.release(): that forgets the token before it asks Redis, and
-        # keeps it per thread, so a release to retry later needs the token kept here.
+        # keeps it per thread, so a release to retry later needs the token kept here. A token
+        # Redis no longer holds (the lease ran out first) releases nothing and wakes no one.
         token = token if token is not None else lock.local.token
         if token is None:
             return
         lock.local.token = None
+        waiting, freed_urgent, freed = self._keys(url)
         try:
-            lock.do_release(token)
-        except redis.exceptions.LockError:
-            pass  # its lease ran out first: the slot is someone else's, or free
+            self._release_script(
+                keys=[str(lock.name), waiting, freed_urgent, freed],
+                args=[token, time.time(), self.limit, int(self.lease_seconds * 1000)],
+            )
         except redis.RedisError:
             with self._unreleased_lock:
-                self._unreleased.append((lock, token))
+                self._unreleased.append((url, lock, token))
 
     def _release_leftovers(self) -> None:
         if not self._unreleased:
             return
         with self._unreleased_lock:
             leftovers, self._unreleased = self._unreleased, []
-        for lock, token in leftovers:
-            self._release(lock, token)  # Redis still away: kept for the next turn
+        for url, lock, token in leftovers:
+            self._release(url, lock, token)  # Redis still away: kept for the next turn
 
     def _acquire(self, url: str, *, urgent: bool) -> Lock:
-        waiting = f"{self._prefix}:{url}:urgent"
+        waiting, freed_urgent, freed = self._keys(url)
         if urgent and (lock := self._free_slot(url)) is not None:
             return lock  # no wait, so no need to make batches step aside
         me = uuid.uuid4().hex
@@ -114,12 +143,23 @@ class OllamaSlots:
                 ready = urgent or not self._redis.zcount(waiting, now, "+inf")
                 if ready and (lock := self._free_slot(url)) is not None:
                     return lock
-                if time.monotonic() > deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise OllamaUnavailable(
                         f"Ollama at {url} stayed busy for {self.wait_seconds:.0f} s"
                         f" (all {self.limit} of its slots taken): is another worker stuck?"
                     )
-                time.sleep(POLL_SECONDS)
+                # Batches wait on everyone's list alone, so a release made while an urgent
+                # caller waits reaches that caller even if batches blocked before it came.
+                lists = [freed_urgent, freed] if urgent else [freed]
+                # (At least a millisecond: a timeout of 0 would block for good.)
+                woken = self._redis.blpop(lists, timeout=max(0.001, min(left, RECHECK_SECONDS)))
+                if woken is not None and not urgent and self._redis.zcount(waiting, now, "+inf"):
+                    # Released just before an urgent caller came: the wake-up is its own.
+                    pipe = self._redis.pipeline()
+                    pipe.lpush(freed_urgent, 1)
+                    pipe.pexpire(freed_urgent, int(self.lease_seconds * 1000))
+                    pipe.execute()
         finally:
             if urgent:
                 self._redis.zrem(waiting, me)
