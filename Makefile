@@ -3,6 +3,10 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes: most tests wait on servers and worker processes, so one per core halves the
+# wall time; each runs its own throwaway PostgreSQL, Redis and fakes (PYTEST_JOBS=0: none).
+PYTEST_JOBS ?= 2
+PYTEST    := $(PY) -m pytest $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 
 .PHONY: install test test-fast lint demo bench up down clean
 
@@ -15,10 +19,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install the project with its dev extra
 
 test: $(STAMP) ## run the whole suite against throwaway PostgreSQL, Redis and a fake Ollama
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the suite less its `slow` tests (own worker processes, large catalogs)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy --strict
 	$(VENV)/bin/ruff check .
