@@ -8,6 +8,12 @@ Faults queue up in order: each POST /api/embed consumes the oldest pending one. 
 counts every answered /api/embed (any status; a dropped one is not answered); `inputs`, `texts`
 and `batch_sizes` count 200 answers only, texts as sent (before truncation).
 
+The model's own time is counted too, for 200 answers: `model_seconds` is the sum of each
+request's time in the slot (its knobs' cost, from its arrival or from the moment it took the
+slot after a wait), and `idle_gaps` the time the model waited between one answer and the next
+request's start (0 for a request that was already queued), in order. A bench reads from them
+how busy a client keeps the model, as the fake itself sees it.
+
 Control API, for a process that did not start the fake (answers are JSON):
   GET  /_fake/stats                     -> the stats, plus "pending_faults"
   POST /_fake/reset                     -> clears faults and stats, answers the stats
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http
+import itertools
 import json
 import signal
 import socket
@@ -276,6 +283,8 @@ class FakeOllama:
             self._requests = self._inputs = 0
             self._texts: list[str] = []
             self._batch_sizes: list[int] = []
+            # (began, done) ns per 200 answer, and whether it had queued for the slot
+            self._model_times: list[tuple[int, int, bool]] = []
             self._max_concurrent = self._in_flight
 
     @property
@@ -308,9 +317,26 @@ class FakeOllama:
         """/api/embed requests arrived and not yet answered."""
         return int(self._stats()["in_flight"])
 
+    @property
+    def model_seconds(self) -> float:
+        """The model's own time for the 200 answers, each request's time in the slot."""
+        return float(self._stats()["model_seconds"])
+
+    @property
+    def idle_gaps(self) -> list[float]:
+        """Seconds the model sat idle between one answer and the next request's start."""
+        return list(self._stats()["idle_gaps"])
+
     def _stats(self) -> dict[str, Any]:
         with self._lock:
+            times = sorted(self._model_times)
             return {
+                "model_seconds": sum(done - began for began, done, _ in times) / 1e9,
+                # A queued request starts as the slot is let go: the hand-off is the fake's.
+                "idle_gaps": [
+                    0.0 if queued else max(0, began - done) / 1e9
+                    for (_, done, _), (began, _, queued) in itertools.pairwise(times)
+                ],
                 "requests": self._requests,
                 "inputs": self._inputs,
                 "texts": list(self._texts),
@@ -420,6 +446,7 @@ class FakeOllama:
             self._inputs += len(texts)
             self._texts.extend(request.inputs)
             self._batch_sizes.append(len(texts))
+            self._model_times.append((began, done, waited))
         return 200, body
 
     def _take_slot(self) -> bool:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from devstack.fake_ollama import BUSY, NO_EMBEDDINGS, TOO_LONG, FakeOllama, vector_for
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "nomic-embed-text"
@@ -405,6 +406,32 @@ def test_stats_record_texts_inputs_and_batch_sizes(fake: FakeOllama, client: htt
     embed(client, input="d")
     assert (fake.requests, fake.inputs, fake.batch_sizes) == (2, 4, [3, 1])
     assert fake.texts == ["a", "b", "c", "d"]
+
+
+def test_stats_count_the_models_time_and_its_idle_gaps_between_requests(
+    fake: FakeOllama, client: httpx.Client
+) -> None:
+    fake.request_latency, fake.input_latency = 0.02, 0.01
+    embed(client, input=["a", "b"])
+    threading.Event().wait(0.05)  # the client's own pause: the model sits idle through it
+    embed(client, input="c")
+    # Two more at once: the second queues for the slot and starts the moment it is let go.
+    fake.request_latency = 0.5
+    both = [threading.Thread(target=embed, args=(client,), kwargs={"input": t}) for t in "de"]
+    for arrived, thread in enumerate(both, start=1):
+        thread.start()
+        # Within the first one's 0.5 s in the slot, or the second would not have queued.
+        wait_until(lambda n=arrived: fake.in_flight == n, 0.4, f"{arrived} requests in flight")
+    for thread in both:
+        thread.join(10)
+    assert fake.model_seconds == pytest.approx(0.04 + 0.03 + 0.51 + 0.51, abs=1e-6)
+    gaps = fake.idle_gaps
+    assert len(gaps) == 3
+    assert gaps[0] >= 0.05
+    assert gaps[2] == 0.0
+    assert client.get("/_fake/stats").json()["idle_gaps"] == gaps
+    fake.reset()
+    assert (fake.model_seconds, fake.idle_gaps) == (0.0, [])
 
 
 def test_reset_clears_stats_and_faults_but_keeps_knobs(
