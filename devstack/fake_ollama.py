@@ -10,9 +10,11 @@ and `batch_sizes` count 200 answers only, texts as sent (before truncation).
 
 The model's own time is counted too, for 200 answers: `model_seconds` is the sum of each
 request's time in the slot (its knobs' cost, from its arrival or from the moment it took the
-slot after a wait), and `idle_gaps` the time the model waited between one answer and the next
-request's start (0 for a request that was already queued), in order. A bench reads from them
-how busy a client keeps the model, as the fake itself sees it.
+slot after a wait), and `idle_gaps` the time the model waited between one answer leaving and
+the next request's start (0 for a request that was already queued), in order. A bench reads
+from them how busy a client keeps the model, as the fake itself sees it. An answer that left
+after its model time was up (this process short of CPU) counts from when it left, so the fake's
+own delay is not the client's; `late_answers` says by how much each was late.
 
 Control API, for a process that did not start the fake (answers are JSON):
   GET  /_fake/stats                     -> the stats, plus "pending_faults"
@@ -283,8 +285,8 @@ class FakeOllama:
             self._requests = self._inputs = 0
             self._texts: list[str] = []
             self._batch_sizes: list[int] = []
-            # (began, done) ns per 200 answer, and whether it had queued for the slot
-            self._model_times: list[tuple[int, int, bool]] = []
+            # Per 200 answer: [began, done, queued for the slot, when it began to leave] (ns)
+            self._model_times: list[list[int]] = []
             self._max_concurrent = self._in_flight
 
     @property
@@ -324,19 +326,25 @@ class FakeOllama:
 
     @property
     def idle_gaps(self) -> list[float]:
-        """Seconds the model sat idle between one answer and the next request's start."""
+        """Seconds the model sat idle between one answer leaving and the next request's start."""
         return list(self._stats()["idle_gaps"])
+
+    @property
+    def late_answers(self) -> list[float]:
+        """Seconds each answer left after its model time was up: the fake's own delay."""
+        return list(self._stats()["late_answers"])
 
     def _stats(self) -> dict[str, Any]:
         with self._lock:
             times = sorted(self._model_times)
             return {
-                "model_seconds": sum(done - began for began, done, _ in times) / 1e9,
+                "model_seconds": sum(done - began for began, done, _, _ in times) / 1e9,
                 # A queued request starts as the slot is let go: the hand-off is the fake's.
                 "idle_gaps": [
-                    0.0 if queued else max(0, began - done) / 1e9
-                    for (_, done, _), (began, _, queued) in itertools.pairwise(times)
+                    0.0 if queued else max(0, began - left) / 1e9
+                    for (_, _, _, left), (began, _, queued, _) in itertools.pairwise(times)
                 ],
+                "late_answers": [(left - done) / 1e9 for _, done, _, left in times],
                 "requests": self._requests,
                 "inputs": self._inputs,
                 "texts": list(self._texts),
@@ -446,7 +454,9 @@ class FakeOllama:
             self._inputs += len(texts)
             self._texts.extend(request.inputs)
             self._batch_sizes.append(len(texts))
-            self._model_times.append((began, done, waited))
+            entry = [began, done, int(waited), done]
+            self._model_times.append(entry)
+        _answer.entry = entry  # the handler notes when it begins to send it
         return 200, body
 
     def _take_slot(self) -> bool:
@@ -538,6 +548,7 @@ for _methods in _ROUTES.values():
 
 # When the request line of the request this thread serves came in.
 _arrival = threading.local()
+_answer = threading.local()  # .entry: the model-time entry of the answer this thread sends
 # The last stretch of a model's time is waited out awake: a timer wakes a sleeping thread a
 # few hundred microseconds late on an idle machine, and a model answers when it is done.
 _AWAKE_NS = 500_000
@@ -638,6 +649,9 @@ class _Handler(BaseHTTPRequestHandler):
             data = payload
         else:
             data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        entry, _answer.entry = getattr(_answer, "entry", None), None
+        if entry is not None:
+            entry[3] = max(entry[1], time.monotonic_ns())
         try:
             self.send_response(status)
             kind = "text/html" if isinstance(payload, HtmlPage) else "text/plain"

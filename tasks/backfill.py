@@ -14,6 +14,7 @@ counted from the catalog, so a run over a catalog that changed little writes lit
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -304,6 +305,10 @@ def _queue_job(
     task.apply_async(
         kwargs={**kwargs, "force": True} if force else kwargs, queue=BULK, producer=producer
     )
+    # A chunk is ~0.1 s of pure Python in the pool process, whose batch loop threads wait on
+    # sockets meanwhile: each would then wait the GIL's switch interval at every read of an
+    # answer (the convoy effect), and the model with them. A zero sleep hands them the GIL.
+    time.sleep(0)
 
 
 def reconcile_catalog(rt: Runtime, task: Enqueuer, *, bulk_waiting: int = 0) -> dict[str, int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -252,9 +252,12 @@ class Sent:
         return next((a for *_, a in self.groups if isinstance(a, TransientError)), None)
 
 
-def send_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> Sent:
+def send_vectors(
+    runtime: Runtime, batch: Batch, *, urgent: bool, on_sent: Callable[[], None] | None = None
+) -> Sent:
     """The batch's requests, each answered and read, not parsed: a pipeline sends the next
-    batch's request as soon as these are answered, and parses them while the model computes."""
+    batch's request as soon as these are answered, and parses them while the model computes.
+    `on_sent` runs as each request goes out (not at all for a request that never left)."""
     groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
     for position, item in enumerate(batch.pending):
         groups[(item.config.ollama_url, item.config.model, item.config.dimensions)].append(position)
@@ -264,7 +267,7 @@ def send_vectors(runtime: Runtime, batch: Batch, *, urgent: bool) -> Sent:
         answer: Answer | EmbedderError
         try:
             answer = runtime.providers.for_url(url).send(
-                texts, model=model, dimensions=dimensions, urgent=urgent
+                texts, model=model, dimensions=dimensions, urgent=urgent, on_sent=on_sent
             )
         except EmbedderError as exc:
             answer = exc

@@ -16,7 +16,9 @@ but the embedding is done here, a batch at a time, ahead of those jobs:
    counts, then commit. Either every item of the batch is recorded, or (a crash, a cut
    connection, a failed write) none is and all are free again for the next claim.
 
-While one batch is with Ollama, the next is claimed and the last is written. The loop stops
+While one batch is with Ollama, the next is claimed and the last is written, both from the
+moment its request is out, so neither delays a request and the model waits only for the
+answer's own trip and the next send (bench.model_busy). The loop stops
 when no item is free, when the process shuts down, or after a batch meets a transient error
 (Ollama or the database down): from then on the items' own jobs claim them, at the pace of
 their retries, and the first job that gets through starts the loop again (RunLoops, below).
@@ -68,6 +70,11 @@ from tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
+# The longest a batch's claim or write waits for the request in flight to go out. A send takes
+# a few milliseconds; one that takes longer waits for its Ollama's slot (another worker's turn),
+# and the GIL is free for them meanwhile.
+SEND_GRACE_SECONDS = 0.02
+
 
 class RecordedHere:
     """Outcomes this process's batches committed, kept until the item's own job asks.
@@ -115,6 +122,9 @@ class RunBatch:
         self.skill_ids = [request.skill_id for request in work.requests]
         self.reopened: list[str] = []  # items the run's close handed back to embed again
         self.sent: Sent | None = None  # its requests, answered, not yet parsed
+        # Called as its request goes out: the loop starts the next claim and the last write
+        # then, so neither competes with the send for this process's GIL.
+        self.on_sent: Callable[[], None] | None = None
         self.counted: list[str] = []  # its items counted in flight (tasks.runtime.CrashCounts)
 
     def end(self) -> None:
@@ -185,7 +195,7 @@ def fetch(batch: RunBatch) -> bool:
     batch.counted = [item.request.skill_id for item in batch.work.pending]
     rt.crashes.begin_quietly(batch.run_id, batch.counted)
     try:
-        batch.sent = send_vectors(rt, batch.work, urgent=False)
+        batch.sent = send_vectors(rt, batch.work, urgent=False, on_sent=batch.on_sent)
     except BaseException:
         batch.end()
         raise
@@ -278,31 +288,51 @@ def run_batches(
     """The loop: claim, fetch, write, batch after batch, while an item of the run is free.
 
     Three batches are in flight: the next one claimed, one with Ollama, the last one being
-    written. Ollama waits neither for our claim nor for our write.
+    written. Ollama waits neither for our claim nor for our write: both start the moment a
+    request has gone out (`sent`), and end while the model computes it, so the next request
+    leaves as soon as its answer is in.
     """
 
-    def claim_next() -> RunBatch | None:
+    def claim_next(after: threading.Event | None = None) -> RunBatch | None:
+        if after is not None:
+            after.wait(SEND_GRACE_SECONDS)
         return claim(rt, run_id, force=force) if keep_going() else None
 
+    def write_once(sent: threading.Event, batch: RunBatch) -> list[Result]:
+        sent.wait(SEND_GRACE_SECONDS)
+        return write(batch)
+
+    # Set once the next request is on its way, or once none will be: the last write waits on it.
+    sent = threading.Event()
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-claim") as claimer,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer,
     ):
-        claiming = claimer.submit(claim_next)
+        claiming: Future[RunBatch | None] = claimer.submit(claim_next)
         writing: Future[list[Result]] | None = None
         written: RunBatch | None = None
         try:
             while keep_going():
-                batch = claiming.result()
+                try:
+                    batch = claiming.result(timeout=SEND_GRACE_SECONDS)
+                except TimeoutError:
+                    # No request is about to leave; and the claim may wait on a lock that waits
+                    # on the last batch's transaction: its write must not wait on the claim.
+                    sent.set()
+                    batch = claiming.result()
                 if batch is None:
+                    sent.set()  # no request follows: the last write goes now
                     if written is None or not _handed_back(writing, written):
                         break
                     # The last write ended the run but handed items back: claim them now.
                     written = writing = None
                     claiming = claimer.submit(claim_next)
                     continue
-                claiming = claimer.submit(claim_next)
+                going = sent
+                claiming = claimer.submit(claim_next, going)
+                batch.on_sent = going.set
                 went_through = fetch(batch)
+                going.set()  # a request that never left (refused, or none to send)
                 if writing is not None:
                     try:
                         # The previous batch, parsed and written while this one was with the model.
@@ -314,12 +344,14 @@ def run_batches(
                         batch.end()
                         _paused(run_id, unreadable)
                         break
-                writing, written = writer.submit(write, batch), batch
+                sent = threading.Event()
+                writing, written = writer.submit(write_once, sent, batch), batch
                 if not went_through:
                     # The provider is failing: jobs retry, and the first one through restarts us.
                     _paused(run_id, batch.sent.transient if batch.sent else None)
                     break
         finally:
+            sent.set()  # whatever ended the loop, the last batch fetched is written
             if claiming.exception() is None and (ahead := claiming.result()) is not None:
                 ahead.end()  # claimed for a turn the loop will not take: its items go back
             if writing is not None:

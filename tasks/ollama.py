@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,16 @@ logger = logging.getLogger(__name__)
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+# httpcore's trace event for a request whose body has gone out on the connection.
+_BODY_SENT = "http11.send_request_body.complete"
+
+
+def _calling_once_sent(on_sent: Callable[[], None]) -> Callable[[str, dict[str, Any]], None]:
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event == _BODY_SENT:
+            on_sent()
+
+    return trace
 
 
 def full_model_name(model: str) -> str:
@@ -98,7 +108,9 @@ class OllamaClient:
         self._http = httpx.HTTPTransport(
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=1)
         )
-        self._extensions = {"timeout": httpx.Timeout(timeout, connect=min(timeout, 3.0)).as_dict()}
+        self._extensions: dict[str, Any] = {
+            "timeout": httpx.Timeout(timeout, connect=min(timeout, 3.0)).as_dict()
+        }
         # Ollama must never see more requests at once than it has slots. With `slots` that holds
         # across every worker of the deployment; without, across this process's threads.
         self._slots = slots
@@ -113,15 +125,22 @@ class OllamaClient:
         return self._turns.turn(urgent=urgent)
 
     def _send(
-        self, method: str, path: str, payload: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> httpx.Response:
         """One exchange, its body read; httpx's errors as the client would raise them."""
+        extensions = self._extensions
+        if on_sent is not None:
+            extensions = {**extensions, "trace": _calling_once_sent(on_sent)}
         request = httpx.Request(
             method,
             self.base_url + path,
             content=None if payload is None else orjson.dumps(payload),
             headers=_JSON if payload is not None else None,
-            extensions=self._extensions,
+            extensions=extensions,
         )
         response = self._http.handle_request(request)
         try:
@@ -131,11 +150,17 @@ class OllamaClient:
         return response
 
     def _post(
-        self, path: str, payload: dict[str, Any], *, urgent: bool = True, turn: bool = True
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        urgent: bool = True,
+        turn: bool = True,
+        on_sent: Callable[[], None] | None = None,
     ) -> httpx.Response:
         try:
             with self._turn(urgent=urgent) if turn else nullcontext(), ollama_request_timer():
-                return self._send("POST", path, payload)
+                return self._send("POST", path, payload, on_sent)
         except httpx.TimeoutException as exc:
             raise OllamaUnavailable(
                 f"Ollama at {self.base_url} did not answer {path} in time ({type(exc).__name__})"
@@ -156,14 +181,21 @@ class OllamaClient:
         return self.send(texts, model=model, dimensions=dimensions, urgent=urgent).vectors()
 
     def send(
-        self, texts: Sequence[str], *, model: str, dimensions: int, urgent: bool = True
+        self,
+        texts: Sequence[str],
+        *,
+        model: str,
+        dimensions: int,
+        urgent: bool = True,
+        on_sent: Callable[[], None] | None = None,
     ) -> OllamaAnswer:
         """The request, answered and read, its status checked; its body not yet parsed, so the
-        caller can send the next request first and parse this one while Ollama computes."""
+        caller can send the next request first and parse this one while Ollama computes.
+        `on_sent` runs once the request's body is on the connection (httpcore's trace)."""
         if not texts:
             return OllamaAnswer(self.base_url, None, 0, dimensions)
         payload = {"model": model, "input": list(texts)}
-        response = self._post("/api/embed", payload, urgent=urgent)
+        response = self._post("/api/embed", payload, urgent=urgent, on_sent=on_sent)
         self._raise_for_status(response, model)
         return OllamaAnswer(self.base_url, response, len(texts), dimensions)
 

@@ -9,7 +9,7 @@ refuses (`embed_isolating`) live here once, for any provider.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,10 +48,18 @@ class EmbeddingProvider(Protocol):
         ...
 
     def send(
-        self, texts: Sequence[str], *, model: str, dimensions: int, urgent: bool = True
+        self,
+        texts: Sequence[str],
+        *,
+        model: str,
+        dimensions: int,
+        urgent: bool = True,
+        on_sent: Callable[[], None] | None = None,
     ) -> Answer:
         """`embed` in two steps: the request, answered (errors of the exchange raised here),
-        and its vectors parsed when asked, so a pipeline sends its next request first."""
+        and its vectors parsed when asked, so a pipeline sends its next request first.
+        `on_sent` is called once the request is on its way, before the answer comes: a
+        pipeline starts its other work then, so that work never delays a request."""
         ...
 
     def describe(self, model: str) -> ModelInfo:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from db import runs
+from tasks import loops
 from tasks.embedding import Embedded, Outcome, Result
 from tasks.loops import RunBatch, run_batches
 from tasks.runtime import Runtime
 from tests.databases import Database
 from tests.test_claims import queue_order
+from tests.waiting import wait_until
 from worker.settings import Settings
 
 
@@ -87,24 +90,71 @@ def test_the_loop_claims_nothing_more_once_the_process_stops(
 
 
 def test_a_batch_is_written_while_the_next_one_is_fetched(rt: Runtime, pending_run: str) -> None:
-    second_fetch = threading.Event()
+    write_began, second_fetch_done = threading.Event(), threading.Event()
+    fetched: list[int] = []
     overlapped: list[bool] = []
 
     def fetch(batch: RunBatch) -> bool:
-        if batch.skill_ids and overlapped:
-            second_fetch.set()
+        fetched.append(len(batch.skill_ids))
+        assert batch.on_sent is not None
+        batch.on_sent()  # the request is out; its answer is "with the model" until we return
+        if len(fetched) == 2:
+            # The first batch's write runs meanwhile: the loop deadlocks if it serialises.
+            overlapped.append(write_began.wait(10))
+            second_fetch_done.set()
         return True
 
     def write(batch: RunBatch) -> list[Result]:
-        if not overlapped:
-            overlapped.append(True)
-            # The first write waits for the second fetch: the loop deadlocks if it serialises.
-            overlapped[0] = second_fetch.wait(10)
+        if not write_began.is_set():
+            write_began.set()
+            second_fetch_done.wait(10)
         return write_all(batch)
 
     loop(rt, pending_run, fetch=fetch, write=write)
 
     assert overlapped == [True]
+
+
+def test_the_next_claim_and_the_last_write_start_once_a_request_is_out(
+    rt: Runtime, pending_run: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims: list[str] = []
+    real_claim = loops.claim
+
+    def counted_claim(*args: Any, **kwargs: Any) -> RunBatch | None:
+        claims.append(pending_run)
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(loops, "claim", counted_claim)
+    monkeypatch.setattr(loops, "SEND_GRACE_SECONDS", 60.0)  # no send here takes its slot long
+    write_began = threading.Event()
+    seen: dict[str, object] = {}
+
+    def fetch(batch: RunBatch) -> bool:
+        if "first" not in seen:
+            seen["first"] = True  # its request "fails to leave": the loop goes on after it
+        elif "second" not in seen:
+            seen["second"] = True
+            # The request is still being sent: the first batch's write and the third claim
+            # must not start and take the process's GIL from it.
+            seen["claims while sending"] = len(claims)
+            seen["write while sending"] = write_began.wait(0.3)
+            seen["claims after 0.3 s"] = len(claims)
+            assert batch.on_sent is not None
+            batch.on_sent()  # out: both go while the model computes
+            seen["write once sent"] = write_began.wait(10)
+            wait_until(lambda: len(claims) == 3, 10, "the third claim")
+        return True
+
+    def write(batch: RunBatch) -> list[Result]:
+        write_began.set()
+        return write_all(batch)
+
+    loop(rt, pending_run, fetch=fetch, write=write)
+
+    assert seen["claims while sending"] == seen["claims after 0.3 s"] == 2
+    assert seen["write while sending"] is False
+    assert seen["write once sent"] is True
 
 
 def test_a_write_that_fails_leaves_its_items_free_and_stops_the_loop(

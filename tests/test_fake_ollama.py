@@ -430,8 +430,10 @@ def test_stats_count_the_models_time_and_its_idle_gaps_between_requests(
     assert gaps[0] >= 0.05
     assert gaps[2] == 0.0
     assert client.get("/_fake/stats").json()["idle_gaps"] == gaps
+    assert len(fake.late_answers) == 4
+    assert all(late >= 0 for late in fake.late_answers)
     fake.reset()
-    assert (fake.model_seconds, fake.idle_gaps) == (0.0, [])
+    assert (fake.model_seconds, fake.idle_gaps, fake.late_answers) == (0.0, [], [])
 
 
 def test_reset_clears_stats_and_faults_but_keeps_knobs(

@@ -51,6 +51,31 @@ def test_a_batch_comes_back_one_vector_per_text_in_order(
     assert (ollama.requests, ollama.batch_sizes) == (1, [3])
 
 
+def test_on_sent_is_called_once_the_request_is_out_and_before_its_answer(
+    ollama: FakeOllama,
+) -> None:
+    ollama_client = OllamaClient(ollama.url, timeout=10)
+    gate = ollama.hold()
+    out = threading.Event()
+    answers: list[list[list[float]]] = []
+
+    def send() -> None:
+        answer = ollama_client.send(["a", "b"], model=MODEL, dimensions=768, on_sent=out.set)
+        answers.append(answer.vectors())
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        gate.wait_held(timeout=10)  # the fake has the whole request and holds its answer
+        assert out.wait(10), "on_sent was not called while the answer was held"
+        assert not answers
+    finally:
+        gate.release()
+        sender.join(10)
+        ollama_client.close()
+    assert answers == [[pytest.approx(vector_for("a")), pytest.approx(vector_for("b"))]]
+
+
 def test_no_texts_make_no_request(client: OllamaClient, ollama: FakeOllama) -> None:
     assert embed(client) == []
     assert ollama.requests == 0
