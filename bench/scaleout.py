@@ -46,6 +46,7 @@ class Options:
     timeout: float
     request_s: float
     input_s: float
+    ollamas: str = "own"  # own: one fake per worker; shared: one fake for them all
 
 
 @dataclass
@@ -103,16 +104,18 @@ def run_row(engine: sa.Engine) -> dict[str, Any] | None:
 
 
 def run_configuration(s: Stack, workers: int, options: Options) -> dict[str, Any]:
-    console.rule(f"{workers} worker(s) + {workers} Ollama(s), {options.skills:,} skills")
+    console.rule(f"{label(workers, options)}, {options.skills:,} skills")
     # A fresh run from the same state: no embeddings, no runs, no queued messages, the default
     # tenant's settings as seeded, and new fakes (no stats, a cold cache of their vectors).
     s.flush_redis()
     seed.clear(s.engine, catalog=False)
     reset_settings(s.engine, options.settings_row)
-    fakes = [s.fake(options.request_s * 1000, options.input_s * 1000) for _ in range(workers)]
+    count = workers if options.ollamas == "own" else 1
+    fakes = [s.fake(options.request_s * 1000, options.input_s * 1000) for _ in range(count)]
     started_workers: list[Worker] = []
     try:
-        for i, fake in enumerate(fakes, start=1):
+        for i in range(1, workers + 1):
+            fake = fakes[min(i, count) - 1]
             env = s.env(fake.url, EMBED_BATCH_SIZE=str(options.batch_size))
             options_ = ["--without-mingle", "--without-gossip"]
             started_workers.append(
@@ -235,7 +238,7 @@ def describe_cpu(
     for i in range(1, workers + 1):
         components[f"w{i} main"] = delta.pop(f"w{i} main")
         components[f"w{i} pool"] = delta.pop(f"w{i} pool")
-    components["fake Ollamas"] = sum(delta.pop(f"fake {i}") for i in range(1, workers + 1))
+    components["fake Ollamas"] = sum(delta.pop(name) for name in list(delta) if name[:5] == "fake ")
     components["bench harness (poll + sampler)"] = bench_total
     components["postgres"] = delta.pop("postgres")
     components["redis"] = delta.pop("redis")
@@ -332,6 +335,12 @@ def limit_line(config: dict[str, Any]) -> str:
     )
 
 
+def label(workers: int, options: Options) -> str:
+    if options.ollamas == "shared":
+        return f"{workers} worker(s) sharing one Ollama"
+    return f"{workers} worker(s) + Ollama(s)"
+
+
 def speedup_lines(configs: list[dict[str, Any]]) -> list[str]:
     base = next((c for c in configs if c["workers"] == 1 and c["status"] == "ok"), None)
     lines = []
@@ -364,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the default tenant's site_settings before each run: no row (the backfill makes"
         " it), or a row with ollama_url at the column default",
     )
+    parser.add_argument(
+        "--ollamas",
+        choices=["own", "shared"],
+        default="own",
+        help="one fake Ollama per worker, or one that every worker shares (its one slot is"
+        " then the limit, and the hand-off of the slot between workers is what is measured)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a run may take")
     parser.add_argument("--keep-logs", action="store_true", help="keep the work dir and logs")
     args = parser.parse_args(argv)
@@ -374,10 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         request_s=args.request_ms / 1000,
         input_s=args.input_ms / 1000,
+        ollamas=args.ollamas,
     )
-    results = Results("scaleout", skills=args.skills, workers=args.workers,
+    results = Results("scaleout" if args.ollamas == "own" else "scaleout_shared",
+                      skills=args.skills, workers=args.workers,
                       cost_model_ms=[args.request_ms, args.input_ms], batch_size=args.batch_size,
-                      settings_row=args.settings_row, timeout_s=args.timeout)  # fmt: skip
+                      settings_row=args.settings_row, timeout_s=args.timeout,
+                      ollamas=args.ollamas)  # fmt: skip
     configs: list[dict[str, Any]] = []
     with stack(prefix="bench-scaleout-", keep=args.keep_logs) as s:
         seed.add_tenants(s.engine, settings=False)
@@ -392,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(config)
     base = next((c for c in configs if c["workers"] == 1 and c["status"] == "ok"), None)
     for c in configs:
-        n = f"{c['workers']} worker(s) + Ollama(s)"
+        n = label(c["workers"], options)
         results.add(f"{n}: backfill, call -> summary", c["skills_per_s"], "skills/s")
         if base and c is not base and c["status"] == "ok" and base["skills_per_s"]:
             results.add(f"{n}: speed-up over one", c["skills_per_s"] / base["skills_per_s"], "x")
