@@ -23,6 +23,7 @@ from bench.harness import RESULTS, Results, console
 SMALL: dict[str, str] = {
     "throughput": "--sizes 100 300 1000 3000 --zero-cost-skills 1000",
     "from_command": "--sizes 150 500 1000 --bare-jobs 500",
+    "model_busy": "--sizes 150 1000 --cold-starts 1",
     "app_lane": "--publishes 10 --burst 200 --busy-skills 1000 --enqueues 500",
     "publish_steps": "--publishes 30",
     "app_job_steps": "--jobs 30",

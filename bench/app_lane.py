@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"(a) {args.publishes} publishes one by one, idle worker")
         idle = publish_one_by_one(s.engine, watch, s.redis_url, args.publishes)
         results.add("publish -> row, idle worker, p50", statistics.median(idle) * 1000, "ms",
-                    limit=("the model's time", args.request_ms + args.input_ms),
-                    target="<= 22 ms")  # fmt: skip
+                    limit=("the model's time", args.request_ms + args.input_ms))  # fmt: skip
         results.add("publish -> row, idle worker, p95", percentile(idle, 0.95) * 1000, "ms")
 
         console.print("(b) the floor: a bare Celery job's publish, one request, one upsert")
@@ -165,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             results.add(f"floor: {name}, p50", statistics.median(seconds) * 1000, "ms")
         total = sum(statistics.median(seconds) for seconds in floor.values())
         results.add("floor: the three together", total * 1000, "ms")
+        # An absolute figure moves with this machine's hour; its ratio to the floor does not.
+        results.add("publish -> row, idle worker, p50 / the floor", statistics.median(idle) / total,
+                    "x", target="<= 1.1x")  # fmt: skip
 
         console.print(f"(c) a burst of {args.burst} app jobs, and a backfill of as many")
         burst = add_skills(s.engine, args.burst, "Imported")
