@@ -7,7 +7,7 @@ last outcome, whose lock on the run's row makes the count and the close one step
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Connection, text
 
@@ -66,7 +66,27 @@ def tally(
     vectors: str = "skill_embeddings",
 ) -> Tally:
     """The run's items of one tenant against the catalog now, current when their row in
-    `vectors` (one of VECTOR_TABLES) is; the transaction is in the tenant's scope."""
+    `vectors` (one of VECTOR_TABLES) is, and the tenant's skills outside them; the
+    transaction is in the tenant's scope."""
+    items = tally_items(conn, run_id, tenant_id, model=model, dimensions=dimensions,
+                        vectors=vectors)  # fmt: skip
+    others, arrived = outside_items(
+        conn, run_id, tenant_id, model=model, dimensions=dimensions, vectors=vectors
+    )
+    return replace(items, others=others, arrived=arrived)
+
+
+def tally_items(
+    conn: Connection,
+    run_id: str,
+    tenant_id: str,
+    *,
+    model: str,
+    dimensions: int,
+    vectors: str = "skill_embeddings",
+) -> Tally:
+    """The run's items of one tenant against the catalog now (`others` and `arrived` left
+    empty): in the recording transaction, which holds the last batch's writes."""
     if vectors not in VECTOR_TABLES:
         raise ValueError(f"no table of vectors {vectors!r}")
     row = conn.execute(
@@ -104,8 +124,32 @@ def tally(
             "redo": list(REDO),
         },
     ).one()
-    # The tenant's published skills the run never listed: those current at its start, and any
-    # published since. One pass over the tenant's catalog, the same as the run's start made.
+    return Tally(
+        embedded=int(row.embedded),
+        unchanged=int(row.unchanged),
+        failed=int(row.failed),
+        skipped=int(row.skipped),
+        unpublished=int(row.unpublished),
+        deleted=int(row.deleted),
+        redo=[str(skill_id) for skill_id in row.redo],
+    )
+
+
+def outside_items(
+    conn: Connection,
+    run_id: str,
+    tenant_id: str,
+    *,
+    model: str,
+    dimensions: int,
+    vectors: str = "skill_embeddings",
+) -> tuple[int, list[str]]:
+    """The tenant's published skills the run never listed: how many are current (those current
+    at its start), and the ids of those that are not (published since). One pass over the
+    tenant's catalog, the same as the run's start made; it reads none of the run's items, so
+    it needs none of the recording transaction's writes and may run on a connection of its own."""
+    if vectors not in VECTOR_TABLES:
+        raise ValueError(f"no table of vectors {vectors!r}")
     rest = conn.execute(
         text(
             f"""
@@ -123,17 +167,7 @@ def tally(
         ),
         {"run": run_id, "tenant": tenant_id, "model": model, "dimensions": dimensions},
     ).one()
-    return Tally(
-        embedded=int(row.embedded),
-        unchanged=int(row.unchanged),
-        failed=int(row.failed),
-        skipped=int(row.skipped),
-        unpublished=int(row.unpublished),
-        deleted=int(row.deleted),
-        redo=[str(skill_id) for skill_id in row.redo],
-        others=int(rest.current),
-        arrived=[str(skill_id) for skill_id in rest.arrived],
-    )
+    return int(rest.current), [str(skill_id) for skill_id in rest.arrived]
 
 
 def reopen(

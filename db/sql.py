@@ -16,14 +16,22 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, text
+from sqlalchemy.pool import NullPool
 
 TENANT_SETTING = "app.current_tenant_id"
 _SCOPE = text("SELECT set_config(:setting, :tenant, true)")
 
 
-def make_engine(database_url: str, *, pool_size: int = 4) -> Engine:
+def make_engine(database_url: str, *, pool_size: int = 4, pooled: bool = True) -> Engine:
     """An engine for a psycopg 3 URL; a small pool: a worker process holds at most a job's
-    transaction and three batches' (tasks.loops)."""
+    transaction and three batches' (tasks.loops). Unpooled, each use connects anew: for reads
+    that are seldom and must never wait for a connection the pool's holders keep."""
+    if not pooled:
+        return create_engine(
+            database_url,
+            poolclass=NullPool,
+            connect_args={"connect_timeout": 5, "application_name": "everyskill-embedder"},
+        )
     return create_engine(
         database_url,
         pool_size=pool_size,

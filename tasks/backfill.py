@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from celery import Task
@@ -379,18 +380,33 @@ class RunCloser:
         """Nothing follows a backfill's summary."""
 
     def __call__(self, conn: Connection, run_id: str) -> runs.Final | None:
-        tallies = []
-        for tenant in run_close.run_tenants(conn, run_id):
+        tenants = run_close.run_tenants(conn, run_id)
+        configs, items = {}, {}
+        for tenant in tenants:
             scope_to_tenant(conn, tenant)
-            config = tenant_config(self.rt, conn, tenant)
-            tallies.append(
-                (
-                    tenant,
-                    run_close.tally(
-                        conn, run_id, tenant, model=config.model, dimensions=config.dimensions
-                    ),
-                )
+            config = configs[tenant] = tenant_config(self.rt, conn, tenant)
+            items[tenant] = run_close.tally_items(
+                conn, run_id, tenant, model=config.model, dimensions=config.dimensions
             )
+
+        def outside(other: Connection, tenant: str) -> tuple[int, list[str]]:
+            config = configs[tenant]
+            return run_close.outside_items(
+                other, run_id, tenant, model=config.model, dimensions=config.dimensions
+            )
+
+        # The pass over each tenant's catalog is most of a close's time in a large catalog, and
+        # the run's row stays locked through it. It reads none of this transaction's writes
+        # (the run's items), so with several tenants it runs on connections of its own, several
+        # tenants at once; one tenant's pass stays in the transaction.
+        if len(tenants) < 2:
+            rest = {tenant: outside(conn, tenant) for tenant in tenants}
+        else:
+            rest = per_tenant(self.rt.readers, tenants, outside)
+        tallies = [
+            (tenant, replace(items[tenant], others=rest[tenant][0], arrived=rest[tenant][1]))
+            for tenant in tenants
+        ]
         redo = [skill_id for _, tally in tallies for skill_id in tally.redo]
         arrived = [(tenant, skill_id) for tenant, tally in tallies for skill_id in tally.arrived]
         if redo or arrived:

@@ -195,6 +195,13 @@ class Runtime:
         return make_engine(self.settings.database_url)
 
     @cached_property
+    def readers(self) -> Engine:
+        """Connections of their own for a run's close to read other tenants while its
+        transaction holds the run's row: the pool's connections may all be held by batches and
+        by jobs that wait for that row."""
+        return make_engine(self.settings.database_url, pooled=False)
+
+    @cached_property
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(
             self.settings.redis_url, socket_timeout=5, socket_connect_timeout=5
@@ -248,7 +255,7 @@ class Runtime:
 
     def reset(self) -> None:
         """Drop connections (after a fork: a child must not share its parent's sockets)."""
-        for name in ("engine", "providers", "redis", "crashes", "column_dimensions"):
+        for name in ("engine", "readers", "providers", "redis", "crashes", "column_dimensions"):
             resource = self.__dict__.pop(name, None)
             if isinstance(resource, Engine):
                 resource.dispose(close=False)
