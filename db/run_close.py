@@ -56,6 +56,12 @@ def run_tenants(conn: Connection, run_id: str) -> list[str]:
 VECTOR_TABLES = ("skill_embeddings", "staged_embeddings")
 
 
+def _check_vectors(vectors: str) -> None:
+    # Its name goes into the statement's text: only a known table may.
+    if vectors not in VECTOR_TABLES:
+        raise ValueError(f"no table of vectors {vectors!r}")
+
+
 def tally(
     conn: Connection,
     run_id: str,
@@ -87,8 +93,7 @@ def tally_items(
 ) -> Tally:
     """The run's items of one tenant against the catalog now (`others` and `arrived` left
     empty): in the recording transaction, which holds the last batch's writes."""
-    if vectors not in VECTOR_TABLES:
-        raise ValueError(f"no table of vectors {vectors!r}")
+    _check_vectors(vectors)
     row = conn.execute(
         text(
             f"""
@@ -148,8 +153,7 @@ def outside_items(
     at its start), and the ids of those that are not (published since). One pass over the
     tenant's catalog, the same as the run's start made; it reads none of the run's items, so
     it needs none of the recording transaction's writes and may run on a connection of its own."""
-    if vectors not in VECTOR_TABLES:
-        raise ValueError(f"no table of vectors {vectors!r}")
+    _check_vectors(vectors)
     rest = conn.execute(
         text(
             f"""

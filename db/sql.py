@@ -19,6 +19,8 @@ from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, 
 from sqlalchemy.pool import NullPool
 
 TENANT_SETTING = "app.current_tenant_id"
+# Fail fast when the database is unreachable rather than hanging a job.
+_CONNECT_ARGS = {"connect_timeout": 5, "application_name": "everyskill-embedder"}
 _SCOPE = text("SELECT set_config(:setting, :tenant, true)")
 
 
@@ -27,18 +29,13 @@ def make_engine(database_url: str, *, pool_size: int = 4, pooled: bool = True) -
     transaction and three batches' (tasks.loops). Unpooled, each use connects anew: for reads
     that are seldom and must never wait for a connection the pool's holders keep."""
     if not pooled:
-        return create_engine(
-            database_url,
-            poolclass=NullPool,
-            connect_args={"connect_timeout": 5, "application_name": "everyskill-embedder"},
-        )
+        return create_engine(database_url, poolclass=NullPool, connect_args=_CONNECT_ARGS)
     return create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=2,
         pool_pre_ping=True,
-        # Fail fast when the database is unreachable rather than hanging a job.
-        connect_args={"connect_timeout": 5, "application_name": "everyskill-embedder"},
+        connect_args=_CONNECT_ARGS,
     )
 
 

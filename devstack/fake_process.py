@@ -53,14 +53,6 @@ class FakeOllamaProcess:
         return list(self.stats()["batch_sizes"])
 
     @property
-    def model_seconds(self) -> float:
-        return float(self.stats()["model_seconds"])
-
-    @property
-    def idle_gaps(self) -> list[float]:
-        return list(self.stats()["idle_gaps"])
-
-    @property
     def max_concurrent(self) -> int:
         return int(self.stats()["max_concurrent"])
 

@@ -131,6 +131,7 @@ class OllamaSlots:
             return lock  # no wait, so no need to make batches step aside
         me = uuid.uuid4().hex
         deadline = time.monotonic() + self.wait_seconds
+        woken = None  # the last wait's wake-up, if a release sent one
         try:
             while True:
                 now = time.time()
@@ -141,6 +142,12 @@ class OllamaSlots:
                     pipe.zadd(waiting, {me: now + self.lease_seconds})
                     pipe.execute()
                 ready = urgent or not self._redis.zcount(waiting, now, "+inf")
+                if woken is not None and not ready:
+                    # Released just before an urgent caller came: the wake-up is its own.
+                    pipe = self._redis.pipeline()
+                    pipe.lpush(freed_urgent, 1)
+                    pipe.pexpire(freed_urgent, int(self.lease_seconds * 1000))
+                    pipe.execute()
                 if ready and (lock := self._free_slot(url)) is not None:
                     return lock
                 left = deadline - time.monotonic()
@@ -154,12 +161,6 @@ class OllamaSlots:
                 lists = [freed_urgent, freed] if urgent else [freed]
                 # (At least a millisecond: a timeout of 0 would block for good.)
                 woken = self._redis.blpop(lists, timeout=max(0.001, min(left, RECHECK_SECONDS)))
-                if woken is not None and not urgent and self._redis.zcount(waiting, now, "+inf"):
-                    # Released just before an urgent caller came: the wake-up is its own.
-                    pipe = self._redis.pipeline()
-                    pipe.lpush(freed_urgent, 1)
-                    pipe.pexpire(freed_urgent, int(self.lease_seconds * 1000))
-                    pipe.execute()
         finally:
             if urgent:
                 self._redis.zrem(waiting, me)
